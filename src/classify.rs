@@ -1,0 +1,251 @@
+//! Pure request classification: a request head -> the first class whose `match` fits.
+//!
+//! Paths are compared in a normal form (percent-escapes decoded, `//` merged, `.` and `..`
+//! resolved), the way Odoo's router will see them, so `/web/%64atabase/` or
+//! `/web/static/../database/` cannot slip past an admin class.
+
+use http::{HeaderMap, HeaderName, Method};
+use std::borrow::Cow;
+
+/// What classification looks at.
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    /// The normalized path (see [`normalize_path`]).
+    pub path: &'a str,
+    /// Host without port, lowercased, if the request named one.
+    pub host: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// One alternative of a class's `match`: all conditions must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternative {
+    pub conds: Vec<Cond>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    Path(String),
+    PathPrefix(String),
+    Method(Vec<Method>),
+    Host(HostPattern),
+    /// Header present; with `value_prefix`, its value starts with it (ASCII case-insensitive,
+    /// stored lowercased).
+    Header {
+        name: HeaderName,
+        value_prefix: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`; matches any name ending with it.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Option<HostPattern> {
+        let s = s.trim().to_ascii_lowercase();
+        let (wild, name) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, s),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !valid {
+            return None;
+        }
+        Some(if wild {
+            HostPattern::Suffix(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name)
+        })
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl Cond {
+    fn matches(&self, r: &RequestFacts<'_>) -> bool {
+        match self {
+            Cond::Path(p) => r.path == p,
+            Cond::PathPrefix(p) => r.path.starts_with(p.as_str()),
+            Cond::Method(ms) => ms.iter().any(|m| m == r.method),
+            Cond::Host(h) => r.host.is_some_and(|host| h.matches(host)),
+            Cond::Header { name, value_prefix } => {
+                let mut values = r.headers.get_all(name).iter();
+                match value_prefix {
+                    None => values.next().is_some(),
+                    Some(prefix) => values.any(|v| {
+                        let v = v.as_bytes();
+                        v.len() >= prefix.len()
+                            && v[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Whether every request that satisfies `other` also satisfies `self`.
+    fn implied_by(&self, other: &Cond) -> bool {
+        match (self, other) {
+            (Cond::Path(a), Cond::Path(b)) => a == b,
+            (Cond::PathPrefix(a), Cond::Path(b) | Cond::PathPrefix(b)) => b.starts_with(a.as_str()),
+            (Cond::Method(a), Cond::Method(b)) => b.iter().all(|m| a.contains(m)),
+            (Cond::Host(a), Cond::Host(b)) => match (a, b) {
+                (HostPattern::Exact(x), HostPattern::Exact(y)) => x == y,
+                (HostPattern::Suffix(s), HostPattern::Exact(y)) => {
+                    y.len() > s.len() && y.ends_with(s.as_str())
+                }
+                (HostPattern::Suffix(s), HostPattern::Suffix(t)) => t.ends_with(s.as_str()),
+                (HostPattern::Exact(_), HostPattern::Suffix(_)) => false,
+            },
+            (
+                Cond::Header {
+                    name: a,
+                    value_prefix: pa,
+                },
+                Cond::Header {
+                    name: b,
+                    value_prefix: pb,
+                },
+            ) => {
+                a == b
+                    && match (pa, pb) {
+                        (None, _) => true,
+                        (Some(pa), Some(pb)) => pb.starts_with(pa.as_str()),
+                        (Some(_), None) => false,
+                    }
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Alternative {
+    pub fn matches(&self, r: &RequestFacts<'_>) -> bool {
+        self.conds.iter().all(|c| c.matches(r))
+    }
+
+    /// Whether every request matching `other` also matches `self` (so a class listing `self`
+    /// first leaves nothing of `other` for later classes).
+    pub fn covers(&self, other: &Alternative) -> bool {
+        self.conds
+            .iter()
+            .all(|c| other.conds.iter().any(|o| c.implied_by(o)))
+    }
+}
+
+/// Index of the first class (given as its alternatives) that takes the request. A class with
+/// no alternatives takes every request.
+pub fn classify<'c, I>(classes: I, r: &RequestFacts<'_>) -> Option<usize>
+where
+    I: IntoIterator<Item = &'c [Alternative]>,
+{
+    classes
+        .into_iter()
+        .position(|alts| alts.is_empty() || alts.iter().any(|a| a.matches(r)))
+}
+
+/// The path as Odoo's router sees it: query removed by the caller, percent-escapes decoded
+/// (invalid UTF-8 replaced), runs of `/` merged, `.` and `..` segments resolved.
+/// Borrows when nothing needs changing (the common case).
+pub fn normalize_path(raw: &str) -> Cow<'_, str> {
+    let needs = !raw.starts_with('/')
+        || raw.contains('%')
+        || raw.contains("//")
+        || raw.contains("/.")
+        || raw.contains('\\');
+    if !needs {
+        return Cow::Borrowed(raw);
+    }
+    let decoded = percent_decode(raw);
+    // Werkzeug treats a backslash like any byte; browsers turn it into '/'. Be strict: treat
+    // it as a separator so a prefix rule cannot be dodged with it.
+    let decoded = decoded.replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut s = String::with_capacity(decoded.len() + 1);
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty()
+        || (decoded.ends_with('/') && !s.ends_with('/'))
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
+        s.push('/');
+    }
+    Cow::Owned(s)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The request's host: `Host` header or the URI authority, without port, lowercased.
+pub fn request_host<'a>(
+    uri_host: Option<&'a str>,
+    host_header: Option<&'a [u8]>,
+) -> Option<Cow<'a, str>> {
+    let raw = match (uri_host, host_header) {
+        (Some(h), _) => h,
+        (None, Some(h)) => std::str::from_utf8(h).ok()?,
+        (None, None) => return None,
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, p)| {
+            if p.bytes().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                raw
+            }
+        })
+    };
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|c| c.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+use super::*;
+use http::HeaderValue;
+
+fn alt(conds: Vec<Cond>) -> Alternative {
+    Alternative { conds }
+}
+
+fn facts<'a>(
+    method: &'a Method,
+    path: &'a str,
+    host: Option<&'a str>,
+    headers: &'a HeaderMap,
+) -> RequestFacts<'a> {
+    RequestFacts {
+        method,
+        path,
+        host,
+        headers,
+    }
+}
+
+/// The default config's classes: admin, longpoll, integration, user.
+fn default_classes() -> Vec<Vec<Alternative>> {
+    vec![
+        vec![
+            alt(vec![Cond::PathPrefix("/web/database/".into())]),
+            alt(vec![Cond::PathPrefix("/xmlrpc/2/db".into())]),
+            alt(vec![Cond::PathPrefix("/xmlrpc/db".into())]),
+        ],
+        vec![
+            alt(vec![Cond::PathPrefix("/websocket".into())]),
+            alt(vec![Cond::PathPrefix("/longpolling/".into())]),
+        ],
+        vec![
+            alt(vec![Cond::PathPrefix("/xmlrpc/".into())]),
+            alt(vec![Cond::Path("/jsonrpc".into())]),
+            alt(vec![Cond::PathPrefix("/json/2/".into())]),
+            alt(vec![Cond::Header {
+                name: HeaderName::from_static("authorization"),
+                value_prefix: Some("bearer ".into()),
+            }]),
+        ],
+        vec![],
+    ]
+}
+
+fn class_of(method: &str, raw_path: &str, headers: &HeaderMap) -> Option<usize> {
+    let classes = default_classes();
+    let m = Method::from_bytes(method.as_bytes()).expect("method");
+    let path = normalize_path(raw_path);
+    classify(
+        classes.iter().map(|c| c.as_slice()),
+        &facts(&m, &path, None, headers),
+    )
+}
+
+#[test]
+fn default_classes_route_odoo_paths() {
+    let h = HeaderMap::new();
+    assert_eq!(class_of("GET", "/web/database/manager", &h), Some(0));
+    assert_eq!(class_of("POST", "/xmlrpc/2/db", &h), Some(0));
+    assert_eq!(class_of("POST", "/xmlrpc/db", &h), Some(0));
+    assert_eq!(class_of("GET", "/websocket", &h), Some(1));
+    assert_eq!(class_of("POST", "/longpolling/poll", &h), Some(1));
+    assert_eq!(class_of("POST", "/xmlrpc/2/object", &h), Some(2));
+    assert_eq!(class_of("POST", "/jsonrpc", &h), Some(2));
+    assert_eq!(
+        class_of("POST", "/json/2/res.partner/search_read", &h),
+        Some(2)
+    );
+    assert_eq!(class_of("GET", "/odoo/action-1", &h), Some(3));
+    assert_eq!(class_of("GET", "/jsonrpcx", &h), Some(3));
+    assert_eq!(class_of("GET", "/web/databases", &h), Some(3));
+}
+
+#[test]
+fn bearer_header_is_integration_in_any_case() {
+    let mut h = HeaderMap::new();
+    h.insert("authorization", HeaderValue::from_static("Bearer abc"));
+    assert_eq!(class_of("GET", "/odoo", &h), Some(2));
+    h.insert("authorization", HeaderValue::from_static("Basic abc"));
+    assert_eq!(class_of("GET", "/odoo", &h), Some(3));
+}
+
+#[test]
+fn encoded_and_dotted_paths_cannot_dodge_the_admin_class() {
+    let h = HeaderMap::new();
+    for p in [
+        "/web/%64atabase/manager",
+        "/web/%2564atabase/manager/../manager",
+        "//web/database/manager",
+        "/web/./database/manager",
+        "/web/static/../database/manager",
+        "/web/database/../database/drop",
+        "/web\\database\\manager",
+        "/xmlrpc/2/%64b",
+        "/%78mlrpc/db",
+    ] {
+        let expect = if p.contains("%25") { Some(3) } else { Some(0) };
+        assert_eq!(class_of("POST", p, &h), expect, "{p}");
+    }
+}
+
+#[test]
+fn normalize_path_forms() {
+    assert!(matches!(normalize_path("/web/login"), Cow::Borrowed(_)));
+    assert_eq!(normalize_path("/a//b/"), "/a/b/");
+    assert_eq!(normalize_path("/a/./b/.."), "/a/");
+    assert_eq!(normalize_path("/../../etc"), "/etc");
+    assert_eq!(normalize_path("/%2e%2e/x"), "/x");
+    assert_eq!(normalize_path("/bad%zz"), "/bad%zz");
+    assert_eq!(normalize_path("/trail%"), "/trail%");
+    assert_eq!(normalize_path("/%ff"), "/\u{fffd}");
+    assert_eq!(normalize_path("*"), "/*");
+}
+
+#[test]
+fn methods_hosts_and_headers() {
+    let classes = [
+        vec![alt(vec![
+            Cond::Method(vec![Method::POST]),
+            Cond::Host(HostPattern::parse("*.example.com").expect("pattern")),
+        ])],
+        vec![alt(vec![Cond::Host(
+            HostPattern::parse("Erp.Example.com").expect("pattern"),
+        )])],
+        vec![alt(vec![Cond::Header {
+            name: HeaderName::from_static("x-tenant"),
+            value_prefix: None,
+        }])],
+    ];
+    let mut h = HeaderMap::new();
+    let c = |m: &Method, host: Option<&str>, h: &HeaderMap| {
+        classify(
+            classes.iter().map(|c| c.as_slice()),
+            &facts(m, "/", host, h),
+        )
+    };
+    assert_eq!(c(&Method::POST, Some("a.example.com"), &h), Some(0));
+    assert_eq!(c(&Method::GET, Some("erp.example.com"), &h), Some(1));
+    assert_eq!(c(&Method::POST, Some("example.com"), &h), None);
+    h.insert("x-tenant", HeaderValue::from_static("acme"));
+    assert_eq!(c(&Method::GET, None, &h), Some(2));
+}
+
+#[test]
+fn request_host_forms() {
+    assert_eq!(
+        request_host(None, Some(b"Erp.Example.com:8443")).as_deref(),
+        Some("erp.example.com")
+    );
+    assert_eq!(
+        request_host(None, Some(b"[::1]:80")).as_deref(),
+        Some("::1")
+    );
+    assert_eq!(
+        request_host(Some("h.example"), Some(b"other")).as_deref(),
+        Some("h.example")
+    );
+    assert_eq!(request_host(None, None), None);
+}
+
+#[test]
+fn coverage_between_alternatives() {
+    let a = alt(vec![Cond::PathPrefix("/xmlrpc/".into())]);
+    let b = alt(vec![
+        Cond::PathPrefix("/xmlrpc/2/db".into()),
+        Cond::Method(vec![Method::POST]),
+    ]);
+    assert!(a.covers(&b));
+    assert!(!b.covers(&a));
+    let bearer = alt(vec![Cond::Header {
+        name: HeaderName::from_static("authorization"),
+        value_prefix: Some("bearer ".into()),
+    }]);
+    let any_auth = alt(vec![Cond::Header {
+        name: HeaderName::from_static("authorization"),
+        value_prefix: None,
+    }]);
+    assert!(any_auth.covers(&bearer));
+    assert!(!bearer.covers(&any_auth));
+}

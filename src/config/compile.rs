@@ -1,0 +1,719 @@
+//! File form -> runtime form. Collects every error with its `line:col` and key path.
+
+use super::file::{self, Str};
+use super::locate::{line_col, path_at, remove_at};
+use super::*;
+use crate::classify::{Alternative, Cond, HostPattern};
+use http::{HeaderName, Method};
+use std::collections::HashMap;
+use toml::de::DeTable;
+use toml::Spanned;
+
+/// Parses and compiles one configuration text. `file_name` is used in error messages;
+/// `zone_override` (from `ERPGATE_ZONE`) replaces `[network] zone`.
+pub fn parse(
+    text: &str,
+    file_name: &str,
+    zone_override: Option<&str>,
+) -> Result<Config, ConfigErrors> {
+    let mut c = Compiler {
+        text,
+        file: file_name,
+        errors: Vec::new(),
+        removed: Vec::new(),
+    };
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            let pos = e.span().map_or(0, |s| s.start);
+            c.error_at(pos, &path_at(root.get_ref(), pos), e.message().to_string());
+        }
+        return Err(c.finish());
+    }
+    let file = c.deserialize(root);
+    let config = c.compile(file, zone_override);
+    match config {
+        Some(cfg) if c.errors.is_empty() => Ok(cfg),
+        _ => Err(c.finish()),
+    }
+}
+
+struct Compiler<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<(usize, ConfigError)>,
+    /// Key paths removed after a deserialization error (their defaults are not the
+    /// operator's intent, so checks that depend on them are skipped).
+    removed: Vec<String>,
+}
+
+impl Compiler<'_> {
+    fn error_at(&mut self, pos: usize, path: &str, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, pos);
+        self.errors.push((
+            pos,
+            ConfigError {
+                file: self.file.to_string(),
+                line,
+                col,
+                path: path.to_string(),
+                message: message.into(),
+            },
+        ));
+    }
+
+    fn error<T>(&mut self, at: &Spanned<T>, path: &str, message: impl Into<String>) {
+        self.error_at(at.span().start, path, message);
+    }
+
+    fn finish(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|(pos, _)| *pos);
+        ConfigErrors(self.errors.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// Deserializes the file form. A value of the wrong type or an unknown key is reported,
+    /// removed, and deserialization runs again, so that every such error is reported at once.
+    fn deserialize(&mut self, root: Spanned<DeTable<'_>>) -> file::File {
+        let span = root.span();
+        let mut table = root.into_inner();
+        // Each round removes one entry, so this ends; the bound is a second guard.
+        for _ in 0..10_000 {
+            let de = toml::de::Deserializer::from(Spanned::new(span.clone(), table.clone()));
+            match <file::File as serde::Deserialize>::deserialize(de) {
+                Ok(f) => return f,
+                Err(e) => {
+                    let pos = e.span().map_or(0, |s| s.start);
+                    let path = path_at(&table, pos);
+                    self.error_at(pos, &path, e.message().to_string());
+                    self.removed.push(path);
+                    if e.span().is_none() || !remove_at(&mut table, pos) {
+                        return file::File::default();
+                    }
+                }
+            }
+        }
+        file::File::default()
+    }
+
+    fn compile(&mut self, f: file::File, zone_override: Option<&str>) -> Option<Config> {
+        let listen = self.listen(f.listen);
+        let network = self.network(f.network, zone_override);
+        let server = self.server(f.server);
+        let log = self.log(f.log);
+        let pools = self.pools(f.pools, &network.zone);
+        let classes = self.classes(f.class, &pools);
+        Some(Config {
+            source: self.file.to_string(),
+            listen: listen?,
+            network,
+            server,
+            log,
+            pools,
+            classes,
+        })
+    }
+
+    fn listen(&mut self, l: Option<Spanned<file::Listen>>) -> Option<Listen> {
+        let Some(l) = l else {
+            self.error_at(
+                0,
+                "listen",
+                "missing section [listen] with at least one `http` address",
+            );
+            return None;
+        };
+        let span = l.span();
+        let l = l.into_inner();
+        let mut http = Vec::new();
+        match l.http {
+            Some(list) if !list.get_ref().is_empty() => {
+                for (i, a) in list.into_inner().into_iter().enumerate() {
+                    if let Some(addr) = self.socket_addr(&a, &format!("listen.http[{i}]")) {
+                        http.push(addr);
+                    }
+                }
+            }
+            Some(list) => self.error(&list, "listen.http", "needs at least one address"),
+            None => self.error_at(
+                span.start,
+                "listen.http",
+                "missing key: at least one address to listen on",
+            ),
+        }
+        let admin = l
+            .admin
+            .as_ref()
+            .and_then(|a| self.socket_addr(a, "listen.admin"));
+        Some(Listen { http, admin })
+    }
+
+    fn socket_addr(&mut self, s: &Str, path: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    s,
+                    path,
+                    format!(
+                        "`{}` is not an IP:port address (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn network(&mut self, n: Option<file::Network>, zone_override: Option<&str>) -> Network {
+        let n = n.unwrap_or_default();
+        let mut zone = match &n.zone {
+            Some(z) => self.name(z, "network.zone").unwrap_or_default(),
+            None => "local".to_string(),
+        };
+        if let Some(z) = zone_override {
+            zone = z.to_string();
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, s) in n.trusted_proxies.unwrap_or_default().iter().enumerate() {
+            if let Some(net) = self.cidr(s, &format!("network.trusted_proxies[{i}]")) {
+                trusted_proxies.push(net);
+            }
+        }
+        Network {
+            zone,
+            trusted_proxies,
+        }
+    }
+
+    fn cidr(&mut self, s: &Str, path: &str) -> Option<IpNet> {
+        let v = s.get_ref().trim();
+        if let Ok(net) = v.parse::<IpNet>() {
+            return Some(net.trunc());
+        }
+        if let Ok(ip) = v.parse::<std::net::IpAddr>() {
+            return Some(IpNet::from(ip));
+        }
+        self.error(
+            s,
+            path,
+            format!("`{v}` is not an IP network (e.g. \"10.0.0.0/8\" or \"::1/128\")"),
+        );
+        None
+    }
+
+    /// A name: zone, pool or class. Letters, digits, `-`, `_`, `.`.
+    fn name(&mut self, s: &Str, path: &str) -> Option<String> {
+        let v = s.get_ref();
+        let ok = !v.is_empty()
+            && v.len() <= 64
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Some(v.clone())
+        } else {
+            self.error(
+                s,
+                path,
+                format!("`{v}` is not a valid name (1-64 of a-z, A-Z, 0-9, '-', '_', '.')"),
+            );
+            None
+        }
+    }
+
+    fn server(&mut self, s: Option<file::Server>) -> ServerSettings {
+        let s = s.unwrap_or_default();
+        let threads = match &s.threads {
+            Some(t) if (1..=1024).contains(t.get_ref()) => *t.get_ref() as usize,
+            Some(t) => {
+                self.error(t, "server.threads", "must be between 1 and 1024");
+                1
+            }
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        ServerSettings {
+            threads,
+            grace_period: self.duration_or(
+                &s.grace_period,
+                "server.grace_period",
+                Duration::from_secs(5),
+            ),
+            shutdown_timeout: self.duration_or(
+                &s.shutdown_timeout,
+                "server.shutdown_timeout",
+                Duration::from_secs(5),
+            ),
+            max_request_header: match &s.max_request_header {
+                Some(v) => match self.size(v, "server.max_request_header") {
+                    Some(n) if (1024..=1024 * 1024).contains(&n) => n as usize,
+                    Some(_) => {
+                        self.error(
+                            v,
+                            "server.max_request_header",
+                            "must be between 1KiB and 1MiB",
+                        );
+                        64 * 1024
+                    }
+                    None => 64 * 1024,
+                },
+                None => 64 * 1024,
+            },
+        }
+    }
+
+    fn log(&mut self, l: Option<file::Log>) -> LogSettings {
+        let l = l.unwrap_or_default();
+        let format = match &l.format {
+            None => LogFormat::Human,
+            Some(f) => match f.get_ref().as_str() {
+                "human" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                other => {
+                    self.error(
+                        f,
+                        "log.format",
+                        format!("`{other}` is not one of \"human\", \"json\""),
+                    );
+                    LogFormat::Human
+                }
+            },
+        };
+        let level = match &l.level {
+            None => "info".to_string(),
+            Some(v) => {
+                if tracing_subscriber::EnvFilter::try_new(v.get_ref()).is_err() {
+                    self.error(
+                        v,
+                        "log.level",
+                        format!(
+                            "`{}` is not a level or filter (e.g. \"info\", \"warn,erpgate=debug\")",
+                            v.get_ref()
+                        ),
+                    );
+                }
+                v.get_ref().clone()
+            }
+        };
+        LogSettings { format, level }
+    }
+
+    fn duration(&mut self, s: &Str, path: &str) -> Option<Duration> {
+        match humantime::parse_duration(s.get_ref().trim()) {
+            Ok(d) if d > Duration::ZERO => Some(d),
+            Ok(_) => {
+                self.error(s, path, "must be longer than zero");
+                None
+            }
+            Err(_) => {
+                self.error(
+                    s,
+                    path,
+                    format!(
+                        "`{}` is not a duration (e.g. \"750ms\", \"5s\", \"1m\", \"2h\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration_or(&mut self, s: &Option<Str>, path: &str, default: Duration) -> Duration {
+        s.as_ref()
+            .and_then(|s| self.duration(s, path))
+            .unwrap_or(default)
+    }
+
+    fn size(&mut self, s: &Str, path: &str) -> Option<u64> {
+        match parse_size(s.get_ref()) {
+            Some(n) => Some(n),
+            None => {
+                self.error(
+                    s,
+                    path,
+                    format!(
+                        "`{}` is not a size (e.g. \"512KiB\", \"128MiB\", \"1GiB\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn pools(
+        &mut self,
+        p: Option<Spanned<file::Named<Spanned<file::Pool>>>>,
+        own_zone: &str,
+    ) -> Vec<Pool> {
+        let Some(p) = p else {
+            self.error_at(
+                0,
+                "pools",
+                "missing: at least one [pools.NAME] with servers",
+            );
+            return Vec::new();
+        };
+        let all_span = p.span();
+        let mut out: Vec<Pool> = Vec::new();
+        for (name, pool) in p.into_inner().0 {
+            let path = format!("pools.{}", name.get_ref());
+            let Some(pname) = self.name(&name, &path) else {
+                continue;
+            };
+            let pspan = pool.span();
+            let pool = pool.into_inner();
+            let mut servers = Vec::new();
+            match pool.servers {
+                Some(list) if !list.get_ref().is_empty() => {
+                    for (i, s) in list.into_inner().into_iter().enumerate() {
+                        let spath = format!("{path}.servers[{i}]");
+                        let sspan = s.span();
+                        let s = s.into_inner();
+                        let Some(addr) = s.address else {
+                            self.error_at(
+                                sspan.start,
+                                &format!("{spath}.address"),
+                                "missing key: the server's host:port",
+                            );
+                            continue;
+                        };
+                        let zone = match &s.zone {
+                            Some(z) => self.name(z, &format!("{spath}.zone")),
+                            None => Some(own_zone.to_string()),
+                        };
+                        if let (Some(u), Some(zone)) =
+                            (self.upstream(&addr, &format!("{spath}.address")), zone)
+                        {
+                            if servers.iter().any(|o: &Upstream| o.address == u.0) {
+                                self.error(
+                                    &addr,
+                                    &format!("{spath}.address"),
+                                    format!("`{}` is listed twice in this pool", u.0),
+                                );
+                            }
+                            servers.push(Upstream {
+                                address: u.0,
+                                socket: u.1,
+                                zone,
+                            });
+                        }
+                    }
+                }
+                Some(list) => self.error(
+                    &list,
+                    &format!("{path}.servers"),
+                    "a pool needs at least one server",
+                ),
+                None => self.error_at(
+                    pspan.start,
+                    &format!("{path}.servers"),
+                    "missing key: a pool needs at least one server",
+                ),
+            }
+            out.push(Pool {
+                name: pname,
+                servers,
+                next: AtomicUsize::new(0),
+            });
+        }
+        if out.is_empty() {
+            self.error_at(all_span.start, "pools", "at least one pool is needed");
+        }
+        out
+    }
+
+    /// `host:port` where host is an IP literal (IPv6 in brackets) or a DNS name.
+    fn upstream(&mut self, s: &Str, path: &str) -> Option<(String, Option<SocketAddr>)> {
+        let v = s.get_ref().trim();
+        if let Ok(sa) = v.parse::<SocketAddr>() {
+            return Some((sa.to_string(), Some(sa)));
+        }
+        let bad = |c: &mut Self| {
+            c.error(s, path, format!("`{v}` is not a host:port address (e.g. \"127.0.0.1:8069\" or \"odoo-web:8069\")"));
+            None
+        };
+        let Some((host, port)) = v.rsplit_once(':') else {
+            return bad(self);
+        };
+        let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if port_ok && host_ok {
+            Some((v.to_ascii_lowercase(), None))
+        } else {
+            bad(self)
+        }
+    }
+
+    fn classes(&mut self, list: Option<Vec<Spanned<file::Class>>>, pools: &[Pool]) -> Vec<Class> {
+        let list = list.unwrap_or_default();
+        if list.is_empty() {
+            self.error_at(0, "class", "missing: at least one [[class]]");
+        }
+        let mut out: Vec<Class> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        // (class index in `out`, alternative spans) for the shadowing check.
+        let mut seen: Vec<(String, Vec<Alternative>)> = Vec::new();
+        for (i, c) in list.into_iter().enumerate() {
+            let path = format!("class[{i}]");
+            let cspan = c.span();
+            let c = c.into_inner();
+            let name = match &c.name {
+                Some(n) => {
+                    match self.name(n, &format!("{path}.name")) {
+                        Some(name) => {
+                            if let Some(first) = names.get(&name) {
+                                self.error(n, &format!("{path}.name"), format!("duplicate class name `{name}` (first used by class[{first}])"));
+                            }
+                            names.insert(name.clone(), i);
+                            Some(name)
+                        }
+                        None => None,
+                    }
+                }
+                None => {
+                    self.error_at(
+                        cspan.start,
+                        &format!("{path}.name"),
+                        "missing key: every class needs a name",
+                    );
+                    None
+                }
+            };
+            let pool = match &c.pool {
+                Some(p) => match pools.iter().position(|x| &x.name == p.get_ref()) {
+                    Some(ix) => Some(ix),
+                    None => {
+                        let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                        self.error(
+                            p,
+                            &format!("{path}.pool"),
+                            format!(
+                                "unknown pool `{}` (pools: {})",
+                                p.get_ref(),
+                                known.join(", ")
+                            ),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.error_at(
+                        cspan.start,
+                        &format!("{path}.pool"),
+                        "missing key: the pool this class is sent to",
+                    );
+                    None
+                }
+            };
+            let mut timeouts = Timeouts::default();
+            if let Some(t) = &c.timeouts {
+                let t = t.get_ref();
+                timeouts.connect = self.duration_or(
+                    &t.connect,
+                    &format!("{path}.timeouts.connect"),
+                    timeouts.connect,
+                );
+                timeouts.read =
+                    self.duration_or(&t.read, &format!("{path}.timeouts.read"), timeouts.read);
+                timeouts.idle =
+                    self.duration_or(&t.idle, &format!("{path}.timeouts.idle"), timeouts.idle);
+            }
+            let max_body = match &c.max_body {
+                Some(v) if v.get_ref() == "unlimited" => None,
+                Some(v) => self
+                    .size(v, &format!("{path}.max_body"))
+                    .or(Some(DEFAULT_MAX_BODY)),
+                None => Some(DEFAULT_MAX_BODY),
+            };
+            let mut alternatives = Vec::new();
+            let errors_before = self.errors.len();
+            if let Some(m) = c.matches {
+                if m.get_ref().0.is_empty() {
+                    self.error(
+                        &m,
+                        &format!("{path}.match"),
+                        "an empty list never matches; leave `match` out to take every request",
+                    );
+                }
+                let whole = m.span();
+                for (j, alt) in m.into_inner().0.into_iter().enumerate() {
+                    let apath = format!("{path}.match[{j}]");
+                    let alt = if alt.span() == (0..0) {
+                        Spanned::new(whole.clone(), alt.into_inner())
+                    } else {
+                        alt
+                    };
+                    if let Some(a) = self.alternative(alt, &apath) {
+                        alternatives.push(a);
+                    }
+                }
+            }
+            let match_broken = self.errors.len() > errors_before
+                || self
+                    .removed
+                    .iter()
+                    .any(|r| r.starts_with(&format!("{path}.match")));
+            // Shadowing: every alternative of this class is already taken by an earlier class.
+            if let (Some(name), false) = (&name, match_broken) {
+                let shadow = if alternatives.is_empty() {
+                    seen.iter()
+                        .find(|(_, alts)| alts.is_empty())
+                        .map(|(n, _)| n.clone())
+                } else {
+                    let mut by = None;
+                    let all = alternatives.iter().all(|a| {
+                        match seen.iter().find(|(_, earlier)| {
+                            earlier.is_empty() || earlier.iter().any(|e| e.covers(a))
+                        }) {
+                            Some((n, _)) => {
+                                by.get_or_insert_with(|| n.clone());
+                                true
+                            }
+                            None => false,
+                        }
+                    });
+                    if all {
+                        by
+                    } else {
+                        None
+                    }
+                };
+                if let Some(by) = shadow {
+                    self.error_at(cspan.start, &path, format!("class `{name}` can never match: class `{by}` before it takes all its requests"));
+                }
+                seen.push((name.clone(), alternatives.clone()));
+            }
+            if let (Some(name), Some(pool)) = (name, pool) {
+                out.push(Class {
+                    name,
+                    alternatives,
+                    pool,
+                    timeouts,
+                    max_body,
+                });
+            }
+        }
+        out
+    }
+
+    fn alternative(&mut self, alt: Spanned<file::Match>, path: &str) -> Option<Alternative> {
+        let span = alt.span();
+        let m = alt.into_inner();
+        let mut conds = Vec::new();
+        let mut ok = true;
+        let mut url_path = |c: &mut Self, s: &Option<Str>, key: &str| -> Option<String> {
+            let s = s.as_ref()?;
+            if s.get_ref().starts_with('/') {
+                Some(s.get_ref().clone())
+            } else {
+                c.error(s, &format!("{path}.{key}"), "must start with '/'");
+                ok = false;
+                None
+            }
+        };
+        if let Some(p) = url_path(self, &m.path, "path") {
+            conds.push(Cond::Path(p));
+        }
+        if let Some(p) = url_path(self, &m.path_prefix, "path_prefix") {
+            conds.push(Cond::PathPrefix(p));
+        }
+        if let Some(ms) = &m.method {
+            let mut methods = Vec::new();
+            for v in &ms.get_ref().0 {
+                match Method::from_bytes(v.to_ascii_uppercase().as_bytes()) {
+                    Ok(x) if !v.is_empty() => methods.push(x),
+                    _ => {
+                        self.error(
+                            ms,
+                            &format!("{path}.method"),
+                            format!("`{v}` is not an HTTP method"),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            if methods.is_empty() && ok {
+                self.error(ms, &format!("{path}.method"), "needs at least one method");
+                ok = false;
+            }
+            conds.push(Cond::Method(methods));
+        }
+        if let Some(h) = &m.host {
+            match HostPattern::parse(h.get_ref()) {
+                Some(p) => conds.push(Cond::Host(p)),
+                None => {
+                    self.error(
+                        h,
+                        &format!("{path}.host"),
+                        format!("`{}` is not a host name or *.wildcard", h.get_ref()),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        match (&m.header, &m.value_prefix) {
+            (Some(h), vp) => match HeaderName::from_bytes(h.get_ref().as_bytes()) {
+                Ok(name) => conds.push(Cond::Header {
+                    name,
+                    value_prefix: vp.as_ref().map(|v| v.get_ref().to_ascii_lowercase()),
+                }),
+                Err(_) => {
+                    self.error(
+                        h,
+                        &format!("{path}.header"),
+                        format!("`{}` is not a header name", h.get_ref()),
+                    );
+                    ok = false;
+                }
+            },
+            (None, Some(vp)) => {
+                self.error(
+                    vp,
+                    &format!("{path}.value_prefix"),
+                    "needs `header` in the same alternative",
+                );
+                ok = false;
+            }
+            (None, None) => {}
+        }
+        if conds.is_empty() && ok {
+            self.error_at(
+                span.start,
+                path,
+                "an empty alternative matches every request; leave `match` out instead",
+            );
+            ok = false;
+        }
+        ok.then_some(Alternative { conds })
+    }
+}
+
+/// `"512"`, `"64KiB"`, `"128MiB"`, `"1GiB"`, `"10MB"`: bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[listen]
+http = ["127.0.0.1:8080"]
+
+[pools.web]
+servers = [{ address = "127.0.0.1:8069" }]
+
+[[class]]
+name = "user"
+pool = "web"
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text, "t.toml", None) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn has(errs: &[String], needle: &str) -> bool {
+    errs.iter().any(|e| e.contains(needle))
+}
+
+#[test]
+fn minimal_config_compiles_with_defaults() {
+    let cfg = parse(MINIMAL, "t.toml", None).expect("valid");
+    assert_eq!(cfg.network.zone, "local");
+    assert_eq!(cfg.pools[0].servers[0].zone, "local");
+    assert_eq!(
+        cfg.pools[0].servers[0].socket,
+        Some("127.0.0.1:8069".parse().expect("addr"))
+    );
+    let c = &cfg.classes[0];
+    assert!(c.alternatives.is_empty());
+    assert_eq!(c.max_body, Some(DEFAULT_MAX_BODY));
+    assert_eq!(c.timeouts, Timeouts::default());
+    assert_eq!(cfg.server.max_request_header, 64 * 1024);
+    assert_eq!(cfg.log.format, LogFormat::Human);
+}
+
+#[test]
+fn zone_override_wins() {
+    let cfg = parse(MINIMAL, "t.toml", Some("eu-1b")).expect("valid");
+    assert_eq!(cfg.network.zone, "eu-1b");
+}
+
+#[test]
+fn host_names_are_kept_for_resolution() {
+    let t = MINIMAL.replace("127.0.0.1:8069", "odoo-web.odoo.svc:8069");
+    let cfg = parse(&t, "t.toml", None).expect("valid");
+    assert_eq!(cfg.pools[0].servers[0].address, "odoo-web.odoo.svc:8069");
+    assert_eq!(cfg.pools[0].servers[0].socket, None);
+}
+
+#[test]
+fn every_error_has_file_line_col_and_path() {
+    let t = r#"[listen]
+http = ["nope"]
+colour = "blue"
+
+[pools.web]
+servers = []
+
+[[class]]
+name = "a"
+pool = "missing"
+timeouts = { connect = "soon" }
+"#;
+    let errs = errors(t);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert_eq!(errs[0], "t.toml:2:9: listen.http[0]: `nope` is not an IP:port address (e.g. \"0.0.0.0:8080\" or \"[::]:8080\")");
+    assert!(
+        errs[1].starts_with("t.toml:3:1: listen.colour: unknown field `colour`"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].starts_with("t.toml:6:11: pools.web.servers: "),
+        "{}",
+        errs[2]
+    );
+    assert!(
+        errs[3].starts_with("t.toml:10:8: class[0].pool: unknown pool `missing`"),
+        "{}",
+        errs[3]
+    );
+    assert!(
+        errs[4].starts_with("t.toml:11:24: class[0].timeouts.connect: `soon` is not a duration"),
+        "{}",
+        errs[4]
+    );
+}
+
+#[test]
+fn type_errors_do_not_hide_later_errors() {
+    let t = format!(
+        "{MINIMAL}\n[server]\nthreads = \"many\"\n[log]\nformat = \"xml\"\nlevle = \"info\"\n"
+    );
+    let errs = errors(&t);
+    assert!(
+        has(&errs, "server.threads: invalid type: string \"many\""),
+        "{errs:#?}"
+    );
+    assert!(has(&errs, "log.format: `xml` is not one of"), "{errs:#?}");
+    assert!(has(&errs, "log.levle: unknown field `levle`"), "{errs:#?}");
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let errs = errors("[listen\nhttp = [\"127.0.0.1:1\"]\n");
+    assert!(!errs.is_empty());
+    assert!(errs[0].starts_with("t.toml:1:"), "{errs:#?}");
+}
+
+#[test]
+fn duplicate_names_unknown_pools_and_shadowed_classes() {
+    let t = format!(
+        r#"{MINIMAL}
+[[class]]
+name = "api"
+pool = "web"
+match = {{ path_prefix = "/xmlrpc/" }}
+
+[[class]]
+name = "api"
+pool = "nowhere"
+match = [{{ path = "/jsonrpc" }}]
+"#
+    );
+    let errs = errors(&t);
+    // `user` has no match: it takes everything, so both later classes can never match.
+    assert!(
+        has(
+            &errs,
+            "class[1]: class `api` can never match: class `user` before it takes all its requests"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "class[2].name: duplicate class name `api` (first used by class[1])"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&errs, "class[2].pool: unknown pool `nowhere`"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn prefix_shadowing_is_detected_and_narrower_rules_are_not() {
+    let base = r#"
+[listen]
+http = ["127.0.0.1:8080"]
+[pools.web]
+servers = [{ address = "127.0.0.1:8069" }]
+[[class]]
+name = "integration"
+pool = "web"
+match = [{ path_prefix = "/xmlrpc/" }, { path = "/jsonrpc" }]
+[[class]]
+name = "admin"
+pool = "web"
+match = [{ path_prefix = "/xmlrpc/2/db" }, { path = "/jsonrpc", method = "POST" }]
+"#;
+    let errs = errors(base);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("class[1]: class `admin` can never match: class `integration`"),
+        "{errs:#?}"
+    );
+    // One alternative the earlier class does not cover: no error.
+    let ok = base.replace(
+        "{ path = \"/jsonrpc\", method = \"POST\" }",
+        "{ path_prefix = \"/web/database/\" }",
+    );
+    assert_eq!(errors(&ok), Vec::<String>::new());
+}
+
+#[test]
+fn match_conditions_are_validated() {
+    let t = format!(
+        r#"{}
+[[class]]
+name = "x"
+pool = "web"
+match = [{{ path = "nope" }}, {{ value_prefix = "a" }}, {{ method = "G ET" }}, {{ host = "a b" }}, {{ header = "bad header" }}, {{}}]
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        MINIMAL.replace("[[class]]\nname = \"user\"\npool = \"web\"\n", "")
+    );
+    let errs = errors(&t);
+    for needle in [
+        "class[0].match[0].path: must start with '/'",
+        "class[0].match[1].value_prefix: needs `header`",
+        "class[0].match[2].method: `G ET` is not an HTTP method",
+        "class[0].match[3].host: `a b` is not a host name",
+        "class[0].match[4].header: `bad header` is not a header name",
+        "class[0].match[5]: an empty alternative matches every request",
+    ] {
+        assert!(has(&errs, needle), "missing {needle}: {errs:#?}");
+    }
+}
+
+#[test]
+fn missing_sections_are_reported() {
+    let errs = errors("");
+    assert!(
+        has(&errs, "t.toml:1:1: listen: missing section"),
+        "{errs:#?}"
+    );
+    assert!(has(&errs, "pools: missing"), "{errs:#?}");
+    assert!(has(&errs, "class: missing"), "{errs:#?}");
+}
+
+#[test]
+fn sizes_and_limits() {
+    assert_eq!(parse_size("128MiB"), Some(128 << 20));
+    assert_eq!(parse_size("10 KB"), Some(10_000));
+    assert_eq!(parse_size("7"), Some(7));
+    assert_eq!(parse_size("1TiB"), None);
+    assert_eq!(parse_size("99999999999999999999GiB"), None);
+    let t = MINIMAL.replace("pool = \"web\"", "pool = \"web\"\nmax_body = \"unlimited\"");
+    assert_eq!(
+        parse(&t, "t", None).expect("valid").classes[0].max_body,
+        None
+    );
+}
+
+#[test]
+fn hostile_input_never_panics() {
+    for t in [
+        "\u{0}",
+        "[[[",
+        "listen = 5",
+        "[listen]\nhttp = 5",
+        "[pools]\nweb = 1",
+        "[pools.web]\nservers = [1, \"x\", {}]",
+        "class = \"x\"",
+        "[[class]]\nmatch = 5",
+        "[[class]]\nmatch = [5]",
+        "[[class]]\nmatch = [{ method = 5 }]",
+        "[server]\nthreads = -1",
+        "[server]\nthreads = 99999999999",
+        "[server]\nmax_request_header = \"1B\"",
+    ] {
+        let _ = parse(t, "t", None);
+    }
+}

@@ -1,0 +1,173 @@
+//! Configuration: the TOML file form (`file`), its compilation into the runtime form
+//! (`compile`), and the runtime types the proxy reads. Runtime code never sees file types.
+
+mod compile;
+pub mod file;
+mod locate;
+
+use crate::classify::Alternative;
+use ipnet::IpNet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+pub use compile::parse;
+
+/// One configuration error, shown to operators as `file:line:col: key.path: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.col, self.path, self.message
+        )
+    }
+}
+
+/// Every error found in one configuration file, in file order.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and compiles the file at `path`. `ERPGATE_ZONE`, when set, overrides `[network] zone`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
+            line: 1,
+            col: 1,
+            path: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let zone = std::env::var("ERPGATE_ZONE").ok().filter(|z| !z.is_empty());
+    parse(&text, &name, zone.as_deref())
+}
+
+/// The compiled, validated configuration that one request reads from start to end.
+#[derive(Debug)]
+pub struct Config {
+    pub source: String,
+    pub listen: Listen,
+    pub network: Network,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub pools: Vec<Pool>,
+    pub classes: Vec<Class>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub http: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub zone: String,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Network {
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// On SIGTERM: how long in-flight requests may run before runtimes are stopped.
+    pub grace_period: Duration,
+    /// After the grace period: how long runtimes get to stop.
+    pub shutdown_timeout: Duration,
+    /// Largest request head (request line and headers) accepted; beyond it: 431.
+    pub max_request_header: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub servers: Vec<Upstream>,
+    /// Round-robin cursor.
+    pub next: AtomicUsize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` as written in the file.
+    pub address: String,
+    /// Set when the host is an IP literal; host names are resolved when used.
+    pub socket: Option<SocketAddr>,
+    pub zone: String,
+}
+
+#[derive(Debug)]
+pub struct Class {
+    pub name: String,
+    /// Empty: the class takes every request that reaches it.
+    pub alternatives: Vec<Alternative>,
+    pub pool: usize,
+    pub timeouts: Timeouts,
+    /// `None`: unlimited.
+    pub max_body: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect to an Odoo server.
+    pub connect: Duration,
+    /// Longest wait for bytes from Odoo (the response head, each body read).
+    pub read: Duration,
+    /// Longest wait for bytes from the client (request body, upgraded sockets both ways).
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            read: Duration::from_secs(720),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Default body limit: Odoo's own default request size limit.
+pub const DEFAULT_MAX_BODY: u64 = 128 * 1024 * 1024;

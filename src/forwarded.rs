@@ -1,0 +1,197 @@
+//! Pure forwarded-header logic: who the client is, and what Odoo's `proxy_mode` is told.
+//!
+//! Odoo (werkzeug `ProxyFix`, one hop) believes the *last* `X-Forwarded-For` entry, and the
+//! `X-Forwarded-Proto` / `X-Forwarded-Host` values, only when `X-Forwarded-Host` is present.
+//! So erpgate always sets all three, and the `X-Forwarded-For` it sends ends with the client.
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// The peer as a canonical address (an IPv4-mapped IPv6 peer is its IPv4 address).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// The result of reading a request's forwarding chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub client: IpAddr,
+    /// Whether the direct peer is a trusted proxy (so its forwarded headers are believed).
+    pub peer_trusted: bool,
+    /// The `X-Forwarded-For` value to send upstream: the chain up to and including the
+    /// client (hops a trusted proxy vouched for, never a forged one from an untrusted peer).
+    pub chain: String,
+}
+
+/// Reads `X-Forwarded-For` (every value of the header, in order) against the trusted list.
+/// From an untrusted peer the header is ignored: the client is the peer. From a trusted peer,
+/// the client is the rightmost hop that is not itself a trusted proxy; an entry that is not
+/// an IP address ends the walk (the hop to its right is the client).
+pub fn resolve<'a, I>(peer: IpAddr, xff_values: I, trusted_proxies: &[IpNet]) -> Forwarded
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    let peer = canonical(peer);
+    if !trusted(trusted_proxies, peer) {
+        return Forwarded {
+            client: peer,
+            peer_trusted: false,
+            chain: peer.to_string(),
+        };
+    }
+    let mut hops: Vec<&str> = Vec::new();
+    for v in xff_values {
+        let Ok(v) = std::str::from_utf8(v) else {
+            continue;
+        };
+        hops.extend(v.split(',').map(str::trim).filter(|s| !s.is_empty()));
+    }
+    let mut client = peer;
+    let mut client_ix = None;
+    for (i, hop) in hops.iter().enumerate().rev() {
+        match parse_hop(hop) {
+            Some(ip) => {
+                client = ip;
+                client_ix = Some(i);
+                if !trusted(trusted_proxies, ip) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    let chain = match client_ix {
+        Some(i) => {
+            let mut s = hops[..i].join(", ");
+            if !s.is_empty() {
+                s.push_str(", ");
+            }
+            s.push_str(&client.to_string());
+            s
+        }
+        None => peer.to_string(),
+    };
+    Forwarded {
+        client,
+        peer_trusted: true,
+        chain,
+    }
+}
+
+/// One `X-Forwarded-For` hop: an IP, possibly `[v6]`, `v4:port` or `[v6]:port`.
+fn parse_hop(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let inner = rest.split(']').next()?;
+        return inner.parse::<IpAddr>().ok().map(canonical);
+    }
+    let (h, p) = s.rsplit_once(':')?;
+    if p.bytes().all(|c| c.is_ascii_digit()) {
+        return h.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4);
+    }
+    None
+}
+
+/// A request id we accept from a trusted peer: 1-128 visible ASCII characters of a safe set.
+pub fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
+        })
+}
+
+/// A fresh request id: 128 random bits as 32 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().expect("test cidr")).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test ip")
+    }
+
+    #[test]
+    fn untrusted_peer_ignores_forged_chain() {
+        let f = resolve(
+            ip("203.0.113.9"),
+            [b"1.2.3.4".as_slice()],
+            &nets(&["127.0.0.1/32"]),
+        );
+        assert_eq!(f.client, ip("203.0.113.9"));
+        assert!(!f.peer_trusted);
+        assert_eq!(f.chain, "203.0.113.9");
+    }
+
+    #[test]
+    fn trusted_peer_gives_rightmost_untrusted_hop() {
+        let t = nets(&["10.0.0.0/8"]);
+        let f = resolve(
+            ip("10.0.0.9"),
+            [b"6.6.6.6, 1.2.3.4".as_slice(), b"10.0.0.5".as_slice()],
+            &t,
+        );
+        assert_eq!(f.client, ip("1.2.3.4"));
+        assert_eq!(f.chain, "6.6.6.6, 1.2.3.4");
+        assert!(f.peer_trusted);
+    }
+
+    #[test]
+    fn trusted_peer_without_header_is_the_client() {
+        let f = resolve(ip("10.0.0.9"), std::iter::empty(), &nets(&["10.0.0.0/8"]));
+        assert_eq!(f.client, ip("10.0.0.9"));
+        assert_eq!(f.chain, "10.0.0.9");
+    }
+
+    #[test]
+    fn garbage_hop_stops_the_walk() {
+        let f = resolve(
+            ip("10.0.0.9"),
+            [b"1.2.3.4, nonsense, 10.1.1.1".as_slice()],
+            &nets(&["10.0.0.0/8"]),
+        );
+        assert_eq!(f.client, ip("10.1.1.1"));
+        assert_eq!(f.chain, "1.2.3.4, nonsense, 10.1.1.1");
+    }
+
+    #[test]
+    fn mapped_v6_peer_counts_as_v4() {
+        let f = resolve(
+            ip("::ffff:127.0.0.1"),
+            std::iter::empty(),
+            &nets(&["127.0.0.1/32"]),
+        );
+        assert!(f.peer_trusted);
+        assert_eq!(f.client, ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn hops_with_ports_and_brackets() {
+        assert_eq!(parse_hop("1.2.3.4:567"), Some(ip("1.2.3.4")));
+        assert_eq!(parse_hop("[2001:db8::1]:80"), Some(ip("2001:db8::1")));
+        assert_eq!(parse_hop("2001:db8::1"), Some(ip("2001:db8::1")));
+        assert_eq!(parse_hop("unknown"), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        assert_eq!(new_request_id().len(), 32);
+    }
+}

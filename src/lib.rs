@@ -1,0 +1,11 @@
+//! erpgate: an edge ingress proxy for Odoo, on Pingora.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod admin;
+pub mod classify;
+pub mod config;
+pub mod errors;
+pub mod forwarded;
+pub mod proxy;
+pub mod server;

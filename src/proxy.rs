@@ -1,0 +1,398 @@
+//! The Pingora `ProxyHttp` implementation: each phase is a short call into the pure modules.
+
+use crate::classify::{classify, normalize_path, request_host, RequestFacts};
+use crate::config::{Class, Config};
+use crate::errors::{reason, status_for};
+use crate::forwarded::{self, Forwarded};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+/// The proxy. Holds the config store; each request takes one snapshot of it.
+pub struct ErpGate {
+    store: Arc<ArcSwap<Config>>,
+}
+
+impl ErpGate {
+    pub fn new(store: Arc<ArcSwap<Config>>) -> Self {
+        ErpGate { store }
+    }
+}
+
+/// Per-request state.
+pub struct Ctx {
+    cfg: Arc<Config>,
+    started: Instant,
+    class: Option<usize>,
+    fwd: Option<Forwarded>,
+    request_id: String,
+    /// Index in the pool of the server of the current attempt.
+    server: Option<usize>,
+    /// Servers already tried (indexes in the pool), for failover on connect errors.
+    tried: Vec<usize>,
+    body_bytes: u64,
+    /// Status erpgate answered itself, when it did.
+    own_status: Option<u16>,
+}
+
+impl Ctx {
+    fn class<'a>(&self, cfg: &'a Config) -> Option<&'a Class> {
+        self.class.and_then(|i| cfg.classes.get(i))
+    }
+}
+
+fn peer_ip(session: &Session) -> IpAddr {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| {
+            forwarded::canonical(a.ip())
+        })
+}
+
+fn head_size(req: &RequestHeader) -> usize {
+    let headers: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    req.raw_path().len() + headers
+}
+
+/// Writes a short plain-text answer of erpgate's own.
+async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
+    let body = Bytes::from(format!("{code} {}\n", reason(code)));
+    let mut resp = ResponseHeader::build(code, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if close {
+        session.set_keepalive(None);
+    }
+    ctx.own_status = Some(code);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for ErpGate {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            cfg: self.store.load_full(),
+            started: Instant::now(),
+            class: None,
+            fwd: None,
+            request_id: String::new(),
+            server: None,
+            tried: Vec::new(),
+            body_bytes: 0,
+            own_status: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let cfg = ctx.cfg.clone();
+        let peer = peer_ip(session);
+        let req = session.req_header();
+        let fwd = forwarded::resolve(
+            peer,
+            req.headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            &cfg.network.trusted_proxies,
+        );
+        ctx.request_id = match req.headers.get(X_REQUEST_ID) {
+            Some(v) if fwd.peer_trusted && forwarded::valid_request_id(v.as_bytes()) => {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            }
+            _ => forwarded::new_request_id(),
+        };
+        let too_big = head_size(req) > cfg.server.max_request_header;
+        let class = {
+            let path = normalize_path(req.uri.path());
+            let host = request_host(
+                req.uri.host(),
+                req.headers.get(header::HOST).map(|v| v.as_bytes()),
+            );
+            let facts = RequestFacts {
+                method: &req.method,
+                path: &path,
+                host: host.as_deref(),
+                headers: &req.headers,
+            };
+            classify(
+                cfg.classes.iter().map(|c| c.alternatives.as_slice()),
+                &facts,
+            )
+        };
+        let content_length = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        ctx.fwd = Some(fwd);
+        ctx.class = class;
+        if too_big {
+            respond(session, ctx, 431, true).await?;
+            return Ok(true);
+        }
+        let Some(class) = class.and_then(|i| cfg.classes.get(i)) else {
+            respond(session, ctx, 404, false).await?;
+            return Ok(true);
+        };
+        // An idle client (between body reads, or on an upgraded socket) is cut only after the
+        // class's idle timeout, not Pingora's default 60 s.
+        session.set_read_timeout(Some(class.timeouts.idle));
+        if let (Some(max), Some(len)) = (class.max_body, content_length) {
+            if len > max {
+                respond(session, ctx, 413, true).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            if let Some(max) = ctx.class(&ctx.cfg).and_then(|c| c.max_body) {
+                if ctx.body_bytes > max {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(413),
+                        "request body exceeds max_body",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let cfg = ctx.cfg.clone();
+        let Some(class) = ctx.class(&cfg) else {
+            return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
+        };
+        let pool = &cfg.pools[class.pool];
+        let n = pool.servers.len();
+        let start = pool.next.fetch_add(1, Ordering::Relaxed);
+        let Some(ix) = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|i| !ctx.tried.contains(i))
+        else {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "every server of the pool failed",
+            );
+        };
+        ctx.tried.push(ix);
+        ctx.server = Some(ix);
+        let server = &pool.servers[ix];
+        let addr = match server.socket {
+            Some(a) => a,
+            None => match tokio::net::lookup_host(server.address.as_str()).await {
+                Ok(mut addrs) => match addrs.next() {
+                    Some(a) => a,
+                    None => {
+                        return Error::e_explain(
+                            ErrorType::ConnectNoRoute,
+                            "host name has no address",
+                        )
+                        .map_err(|e| e.into_up())
+                    }
+                },
+                Err(e) => {
+                    return Err(Error::because(
+                        ErrorType::ConnectNoRoute,
+                        format!("resolving {}", server.address),
+                        e,
+                    )
+                    .into_up())
+                }
+            },
+        };
+        let t = class.timeouts;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let upgrade = session.is_upgrade_req();
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect);
+        // On an upgraded socket the idle limit governs both directions.
+        peer.options.read_timeout = Some(if upgrade { t.read.max(t.idle) } else { t.read });
+        peer.options.write_timeout = Some(t.read);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing of the request was sent: another server may take it, whatever the method.
+        let pool_size = ctx
+            .class(&ctx.cfg)
+            .map_or(0, |c| ctx.cfg.pools[c.pool].servers.len());
+        if ctx.tried.len() < pool_size {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(fwd) = &ctx.fwd else {
+            return Ok(());
+        };
+        let trusted = fwd.peer_trusted;
+        let req = session.req_header();
+        let proto = match req.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+            Some(p)
+                if trusted
+                    && (p.eq_ignore_ascii_case(b"https") || p.eq_ignore_ascii_case(b"http")) =>
+            {
+                if p.eq_ignore_ascii_case(b"https") {
+                    "https"
+                } else {
+                    "http"
+                }
+            }
+            _ => "http",
+        };
+        let fhost = match req.headers.get("x-forwarded-host") {
+            Some(h) if trusted && !h.is_empty() => Some(h.clone()),
+            _ => req.headers.get(header::HOST).cloned().or_else(|| {
+                req.uri
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            }),
+        };
+        if !trusted {
+            for h in [
+                "forwarded",
+                "x-forwarded-port",
+                "x-forwarded-server",
+                "x-forwarded-prefix",
+            ] {
+                up.remove_header(h);
+            }
+        }
+        up.insert_header("x-forwarded-for", fwd.chain.as_str())?;
+        up.insert_header("x-real-ip", fwd.client.to_string())?;
+        up.insert_header("x-forwarded-proto", proto)?;
+        match fhost {
+            Some(h) => up.insert_header("x-forwarded-host", h)?,
+            None => {
+                let local = session
+                    .server_addr()
+                    .and_then(|a| a.as_inet())
+                    .map_or_else(|| "localhost".to_string(), |a| a.to_string());
+                up.insert_header("x-forwarded-host", local)?
+            }
+        }
+        up.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
+        if session.req_header().version == http::Version::HTTP_11
+            && resp.version == http::Version::HTTP_10
+        {
+            resp.set_version(http::Version::HTTP_11);
+        }
+        resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, why) = status_for(e);
+        if code > 0 && session.response_written().is_none() {
+            let body = Bytes::from(format!("{code} {why}\n"));
+            let sent = async {
+                let mut resp = ResponseHeader::build(code, Some(4))?;
+                resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+                resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+                resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                if ctx.request_id.is_empty() {
+                    ctx.request_id = forwarded::new_request_id();
+                }
+                resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+                session.set_keepalive(None);
+                session.write_response_header(Box::new(resp), false).await?;
+                session.write_response_body(Some(body), true).await
+            };
+            if let Err(err) = sent.await {
+                tracing::debug!("could not send error response: {err}");
+            }
+        }
+        ctx.own_status = Some(code);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        crate::access::log(session, e, ctx);
+    }
+}
+
+impl Ctx {
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    pub fn client(&self) -> Option<IpAddr> {
+        self.fwd.as_ref().map(|f| f.client)
+    }
+    pub fn class_name(&self) -> &str {
+        self.class(&self.cfg).map_or("-", |c| c.name.as_str())
+    }
+    pub fn pool_name(&self) -> &str {
+        self.class(&self.cfg)
+            .map_or("-", |c| self.cfg.pools[c.pool].name.as_str())
+    }
+    pub fn server_address(&self) -> &str {
+        match (self.class(&self.cfg), self.server) {
+            (Some(c), Some(s)) => self.cfg.pools[c.pool].servers[s].address.as_str(),
+            _ => "-",
+        }
+    }
+    pub fn own_status(&self) -> Option<u16> {
+        self.own_status
+    }
+}

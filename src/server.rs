@@ -1,0 +1,87 @@
+//! Builds and runs the Pingora server from a compiled config. Operators never write Pingora's
+//! YAML: its settings come from the TOML `[server]` section.
+
+use crate::admin::AdminApp;
+use crate::config::{Config, LogFormat, LogSettings};
+use crate::proxy::ErpGate;
+use arc_swap::ArcSwap;
+use pingora::apps::http_app::HttpServer;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+/// Sets up the global tracing subscriber (`RUST_LOG` overrides `[log] level`).
+pub fn init_logging(log: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let res = match log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Human => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
+    };
+    if let Err(e) = res {
+        eprintln!("erpgate: logging already set up: {e}");
+    }
+}
+
+fn server_conf(cfg: &Config) -> ServerConf {
+    let mut conf = ServerConf::default();
+    conf.threads = cfg.server.threads;
+    conf.grace_period_seconds = Some(cfg.server.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(cfg.server.shutdown_timeout.as_secs().max(1));
+    conf.pid_file = std::env::temp_dir()
+        .join("erpgate.pid")
+        .display()
+        .to_string();
+    conf.upgrade_sock = std::env::temp_dir()
+        .join("erpgate_upgrade.sock")
+        .display()
+        .to_string();
+    conf
+}
+
+/// Runs erpgate until it is stopped by a signal. Never returns.
+pub fn run(cfg: Config, upgrade: bool) -> ! {
+    let conf = server_conf(&cfg);
+    let http = cfg.listen.http.clone();
+    let admin = cfg.listen.admin;
+    let store = Arc::new(ArcSwap::from_pointee(cfg));
+
+    let opt = Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    server.bootstrap();
+
+    let mut proxy = http_proxy_service_with_name(
+        &server.configuration,
+        ErpGate::new(store.clone()),
+        "erpgate proxy",
+    );
+    for addr in &http {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = admin {
+        let mut svc = Service::new(
+            "erpgate admin".to_string(),
+            HttpServer::new_app(AdminApp::new(store.clone())),
+        );
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    tracing::info!(listen = ?http, admin = ?admin, "erpgate starting");
+    server.run_forever()
+}
