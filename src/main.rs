@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 /// Exit status for a bad configuration: 64 (sysexits' EX_USAGE), as linkerd does.
 const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit status when a listen address cannot be bound (sysexits' EX_OSERR).
+const EXIT_CANNOT_LISTEN: u8 = 71;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +60,12 @@ fn main() -> ExitCode {
         Command::Run { config, upgrade } => match erpgate::config::load(&config) {
             Ok(cfg) => {
                 erpgate::server::init_logging(&cfg.log);
+                if !upgrade {
+                    if let Err(e) = erpgate::server::check_listeners(&cfg) {
+                        eprintln!("erpgate: not started: {e}");
+                        return ExitCode::from(EXIT_CANNOT_LISTEN);
+                    }
+                }
                 erpgate::server::run(cfg, upgrade)
             }
             Err(errors) => {

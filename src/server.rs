@@ -50,6 +50,29 @@ fn server_conf(cfg: &Config) -> ServerConf {
     conf
 }
 
+/// Checks that every listen address can be bound now (Pingora would otherwise retry
+/// quietly and serve nothing). `SO_REUSEADDR` as Pingora sets it, so sockets in TIME_WAIT from
+/// a previous run do not count; a live listener does.
+pub fn check_listeners(cfg: &Config) -> Result<(), String> {
+    use socket2::{Domain, Socket, Type};
+    let addrs = cfg
+        .listen
+        .http
+        .iter()
+        .map(|a| ("listen.http", a))
+        .chain(cfg.listen.admin.iter().map(|a| ("listen.admin", a)));
+    for (key, addr) in addrs {
+        let bind = || -> std::io::Result<()> {
+            let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&(*addr).into())?;
+            s.listen(1)
+        };
+        bind().map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Runs erpgate until it is stopped by a signal. Never returns.
 pub fn run(cfg: Config, upgrade: bool) -> ! {
     let conf = server_conf(&cfg);
