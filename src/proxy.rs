@@ -272,17 +272,9 @@ impl ProxyHttp for ErpGate {
         };
         let trusted = fwd.peer_trusted;
         let req = session.req_header();
+        // The listener's scheme, unless a trusted proxy says the client came over HTTPS.
         let proto = match req.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
-            Some(p)
-                if trusted
-                    && (p.eq_ignore_ascii_case(b"https") || p.eq_ignore_ascii_case(b"http")) =>
-            {
-                if p.eq_ignore_ascii_case(b"https") {
-                    "https"
-                } else {
-                    "http"
-                }
-            }
+            Some(p) if trusted && p.eq_ignore_ascii_case(b"https") => "https",
             _ => "http",
         };
         let fhost = match req.headers.get("x-forwarded-host") {
@@ -362,6 +354,11 @@ impl ProxyHttp for ErpGate {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// A refusal of erpgate's own (413, 404...) is in the access log; it is not an error.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        matches!(e.etype(), ErrorType::HTTPStatus(code) if *code < 500)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

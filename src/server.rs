@@ -35,19 +35,15 @@ pub fn init_logging(log: &LogSettings) {
 }
 
 fn server_conf(cfg: &Config) -> ServerConf {
-    let mut conf = ServerConf::default();
-    conf.threads = cfg.server.threads;
-    conf.grace_period_seconds = Some(cfg.server.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(cfg.server.shutdown_timeout.as_secs().max(1));
-    conf.pid_file = std::env::temp_dir()
-        .join("erpgate.pid")
-        .display()
-        .to_string();
-    conf.upgrade_sock = std::env::temp_dir()
-        .join("erpgate_upgrade.sock")
-        .display()
-        .to_string();
-    conf
+    let tmp = std::env::temp_dir();
+    ServerConf {
+        threads: cfg.server.threads,
+        grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs().max(1)),
+        pid_file: tmp.join("erpgate.pid").display().to_string(),
+        upgrade_sock: tmp.join("erpgate_upgrade.sock").display().to_string(),
+        ..ServerConf::default()
+    }
 }
 
 /// Checks that every listen address can be bound now (Pingora would otherwise retry

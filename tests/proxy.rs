@@ -1,0 +1,420 @@
+//! The real erpgate binary in front of fake Odoo servers (web port: HTTP/1.0 and
+//! `Connection: close`, gevent port: HTTP/1.1, WebSocket and long-poll).
+
+mod support;
+
+use std::time::Duration;
+use support::erpgate::Erpgate;
+use support::*;
+
+/// The default config's classes, pointed at a fake Odoo.
+fn odoo_config(fake: &FakeOdoo, extra: &str) -> String {
+    format!(
+        r#"
+[network]
+trusted_proxies = ["10.9.9.9/32"]
+
+[pools.web]
+servers = [{{ address = "{web}" }}]
+
+[pools.longpoll]
+servers = [{{ address = "{gevent}" }}]
+
+[[class]]
+name = "admin"
+match = [{{ path_prefix = "/web/database/" }}, {{ path_prefix = "/xmlrpc/2/db" }}, {{ path_prefix = "/xmlrpc/db" }}]
+pool = "web"
+
+[[class]]
+name = "longpoll"
+match = [{{ path_prefix = "/websocket" }}, {{ path_prefix = "/longpolling/" }}]
+pool = "longpoll"
+timeouts = {{ read = "2h", idle = "2h" }}
+
+[[class]]
+name = "integration"
+match = [{{ path_prefix = "/xmlrpc/" }}, {{ path = "/jsonrpc" }}, {{ path_prefix = "/json/2/" }},
+         {{ header = "authorization", value_prefix = "bearer " }}]
+pool = "web"
+
+[[class]]
+name = "user"
+pool = "web"
+max_body = "1KiB"
+{extra}
+"#,
+        web = fake.web_addr(),
+        gevent = fake.gevent_addr(),
+    )
+}
+
+fn last_request(fake: &FakeOdoo) -> Recorded {
+    fake.wait_for_requests(1, Duration::from_secs(5))
+        .pop()
+        .expect("a request reached Odoo")
+}
+
+#[test]
+fn each_class_reaches_its_pool() {
+    let fake = FakeOdoo::start_with(FakeOptions {
+        longpoll_hold: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let cases = [
+        ("GET", "/odoo/action-1", "web", "user"),
+        ("POST", "/xmlrpc/2/object", "web", "integration"),
+        ("POST", "/jsonrpc", "web", "integration"),
+        ("GET", "/web/database/selector", "web", "admin"),
+        ("GET", "/websocket/health", "gevent", "longpoll"),
+        ("POST", "/longpolling/poll", "gevent", "longpoll"),
+    ];
+    for (method, path, port, class) in cases {
+        fake.clear();
+        let body = (method == "POST").then_some(b"{}".as_slice());
+        let r = request(gw.http, method, path, &[], body);
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.body_str());
+        assert_eq!(r.header("x-odoo-port"), Some(port), "{method} {path}");
+        let seen = last_request(&fake);
+        assert_eq!(seen.path, path);
+        let id = r.header("x-request-id").expect("request id returned");
+        let line = gw.wait_log_line(&[id]);
+        assert!(line.contains(&format!("class=\"{class}\"")), "{line}");
+        assert!(line.contains("status=200"), "{line}");
+    }
+    // Odoo's HTTP worker answers HTTP/1.0 and closes; the client keeps its HTTP/1.1 connection.
+    let mut conn = Conn::open(gw.http);
+    for _ in 0..3 {
+        let r = conn.send(b"GET /odoo HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.version, "HTTP/1.1");
+    }
+}
+
+#[test]
+fn no_class_matches_gives_404_without_reaching_odoo() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&format!(
+        "[pools.web]\nservers = [{{ address = \"{}\" }}]\n[[class]]\nname = \"api\"\npool = \"web\"\nmatch = {{ path = \"/jsonrpc\" }}\n",
+        fake.web_addr()
+    ));
+    let r = get(gw.http, "/odoo");
+    assert_eq!(r.status, 404);
+    assert!(fake.requests().is_empty());
+    assert_eq!(get(gw.http, "/jsonrpc").status, 200);
+}
+
+#[test]
+fn forged_forwarded_headers_from_an_untrusted_peer_are_replaced() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let r = send_raw(
+        gw.http,
+        b"GET /odoo HTTP/1.1\r\nHost: erp.example.com\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\n\
+X-Forwarded-Proto: https\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Request-Id: forged-id\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = last_request(&fake);
+    assert_eq!(seen.headers_all("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(
+        seen.headers_all("x-forwarded-host"),
+        vec!["erp.example.com"]
+    );
+    assert_eq!(seen.headers_all("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(seen.header("forwarded"), None);
+    let id = seen
+        .header("x-request-id")
+        .expect("request id sent upstream");
+    assert_ne!(id, "forged-id");
+    assert_eq!(r.header("x-request-id"), Some(id));
+}
+
+#[test]
+fn a_trusted_proxy_keeps_its_chain_and_the_client_is_the_rightmost_untrusted_hop() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(
+        &odoo_config(&fake, "").replace("10.9.9.9/32", "127.0.0.1/32\", \"10.0.0.0/8"),
+    );
+    let r = send_raw(
+        gw.http,
+        b"GET /odoo HTTP/1.1\r\nHost: internal:8080\r\nX-Forwarded-For: 6.6.6.6, 203.0.113.7\r\nX-Forwarded-For: 10.1.2.3\r\n\
+X-Forwarded-Host: erp.example.com\r\nX-Forwarded-Proto: https\r\nX-Request-Id: lb-1234\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = last_request(&fake);
+    // Odoo's proxy_mode believes the last hop: it must be the client.
+    assert_eq!(
+        seen.headers_all("x-forwarded-for"),
+        vec!["6.6.6.6, 203.0.113.7"]
+    );
+    assert_eq!(seen.header("x-real-ip"), Some("203.0.113.7"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("erp.example.com"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-request-id"), Some("lb-1234"));
+    assert_eq!(r.header("x-request-id"), Some("lb-1234"));
+    let line = gw.wait_log_line(&["lb-1234"]);
+    assert!(line.contains("client=203.0.113.7"), "{line}");
+}
+
+#[test]
+fn hop_by_hop_headers_are_stripped() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let r = send_raw(
+        gw.http,
+        b"GET /odoo HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: 1\r\n\
+Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let seen = last_request(&fake);
+    for h in ["x-hop-secret", "keep-alive", "proxy-connection", "upgrade"] {
+        assert_eq!(seen.header(h), None, "{h} reached Odoo");
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+}
+
+#[test]
+fn an_oversized_body_gets_413_and_never_reaches_odoo() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    // Content-Length says too much: refused before anything is sent upstream.
+    let big = vec![b'x'; 2048];
+    let r = request(
+        gw.http,
+        "POST",
+        "/web/dataset/call_kw",
+        &[("Content-Type", "application/json")],
+        Some(&big),
+    );
+    assert_eq!(r.status, 413);
+    assert!(fake.requests().is_empty());
+    // A chunked body that grows past the limit is cut off with 413.
+    let mut raw = b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        raw.extend_from_slice(b"200\r\n");
+        raw.extend_from_slice(&[b'y'; 0x200]);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(send_raw(gw.http, &raw).status, 413);
+    assert!(
+        fake.requests().iter().all(|r| r.body.len() <= 1024),
+        "Odoo got a body over the limit"
+    );
+    // Within the limit it passes.
+    let r = request(
+        gw.http,
+        "POST",
+        "/web/dataset/call_kw",
+        &[],
+        Some(&[b'z'; 1000]),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(last_request(&fake).body.len(), 1000);
+}
+
+#[test]
+fn malformed_and_oversized_heads_get_4xx_and_erpgate_keeps_serving() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let mut huge = b"GET /odoo HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+    for i in 0..80 {
+        huge.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    assert_eq!(send_raw(gw.http, &huge).status, 431);
+    for bad in [
+        b"GARBAGE\r\n\r\n".as_slice(),
+        b"GET /odoo HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n",
+        b"GET /odoo HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n",
+        b"GET /odoo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcde",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ] {
+        let r = send_raw(gw.http, bad);
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(bad));
+    }
+    assert!(
+        fake.requests().is_empty(),
+        "a malformed request reached Odoo"
+    );
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+}
+
+#[test]
+fn a_refused_upstream_gives_502_and_a_silent_one_504() {
+    let hole = Blackhole::start();
+    let refused = refused_addr();
+    let gw = Erpgate::start(&format!(
+        r#"
+[pools.dead]
+servers = [{{ address = "{refused}" }}]
+[pools.silent]
+servers = [{{ address = "{hole}" }}]
+[[class]]
+name = "silent"
+match = {{ path_prefix = "/silent" }}
+pool = "silent"
+timeouts = {{ connect = "1s", read = "300ms" }}
+[[class]]
+name = "dead"
+pool = "dead"
+timeouts = {{ connect = "1s" }}
+"#,
+        hole = hole.addr()
+    ));
+    let r = get(gw.http, "/odoo");
+    assert_eq!(r.status, 502);
+    assert!(r.body_str().contains("refused"), "{}", r.body_str());
+    assert!(r.header("x-request-id").is_some());
+    let r = request(gw.http, "POST", "/silent/report", &[], Some(b"{}"));
+    assert_eq!(r.status, 504);
+}
+
+#[test]
+fn a_connect_failure_moves_even_a_post_to_the_next_server() {
+    let fake = FakeOdoo::start();
+    let refused = refused_addr();
+    let gw = Erpgate::start(&format!(
+        "[pools.web]\nservers = [{{ address = \"{refused}\" }}, {{ address = \"{}\" }}]\n[[class]]\nname = \"user\"\npool = \"web\"\n",
+        fake.web_addr()
+    ));
+    for i in 0..4 {
+        let r = request(
+            gw.http,
+            "POST",
+            "/web/dataset/call_kw",
+            &[],
+            Some(format!("{{\"n\":{i}}}").as_bytes()),
+        );
+        assert_eq!(r.status, 200, "{}", r.body_str());
+    }
+    // Each POST reached Odoo exactly once.
+    let bodies: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec!["{\"n\":0}", "{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]
+    );
+}
+
+#[test]
+fn a_websocket_stays_open_as_long_as_its_class_idle_timeout_says() {
+    let fake = FakeOdoo::start();
+    // Short timeouts stand in for Odoo's hour-long sockets: the class's idle setting, not
+    // Pingora's fixed 60 s default, decides when an idle socket is cut.
+    let cfg = odoo_config(&fake, "").replace(
+        "timeouts = { read = \"2h\", idle = \"2h\" }",
+        "timeouts = { read = \"1s\", idle = \"3s\" }",
+    );
+    let gw = Erpgate::start(&cfg);
+    let mut ws = ws_connect(gw.http, "/websocket?version=18.0", Some("http://localhost"))
+        .expect("handshake through erpgate");
+    ws.send_text("hello");
+    assert_eq!(ws.recv_text(Duration::from_secs(5)), "hello");
+    // Idle longer than the read timeout (1 s) but less than the idle timeout (3 s): still open.
+    std::thread::sleep(Duration::from_millis(1800));
+    ws.send_text("still there");
+    assert_eq!(ws.recv_text(Duration::from_secs(5)), "still there");
+    assert_eq!(fake.ws_open(), 1);
+    let seen = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/websocket"))
+        .expect("handshake reached gevent");
+    assert_eq!(seen.port, Port::Gevent);
+    assert_eq!(seen.header("origin"), Some("http://localhost"));
+    drop(ws);
+
+    // With a 1 s idle timeout an idle socket is cut.
+    let cfg = odoo_config(&fake, "").replace(
+        "timeouts = { read = \"2h\", idle = \"2h\" }",
+        "timeouts = { read = \"1s\", idle = \"1s\" }",
+    );
+    let gw2 = Erpgate::start(&cfg);
+    let mut ws = ws_connect(gw2.http, "/websocket", Some("http://localhost")).expect("handshake");
+    ws.send_text("a");
+    assert_eq!(ws.recv_text(Duration::from_secs(5)), "a");
+    let mut closed = false;
+    for _ in 0..50 {
+        if ws.is_closed_within(Duration::from_millis(100)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "idle socket not cut after its 1 s idle timeout");
+}
+
+#[test]
+fn a_websocket_handshake_without_origin_is_refused_by_odoo_and_passed_on() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let err = ws_connect(gw.http, "/websocket", None)
+        .err()
+        .expect("refused");
+    assert!(err.contains("400"), "{err}");
+}
+
+#[test]
+fn a_long_poll_held_by_odoo_completes() {
+    let fake = FakeOdoo::start();
+    let cfg = odoo_config(&fake, "").replace(
+        "timeouts = { read = \"2h\", idle = \"2h\" }",
+        "timeouts = { read = \"5s\", idle = \"5s\" }",
+    );
+    let gw = Erpgate::start(&cfg);
+    let started = std::time::Instant::now();
+    let r = request(
+        gw.http,
+        "POST",
+        "/longpolling/poll?hold_ms=2500",
+        &[("Content-Type", "application/json")],
+        Some(b"{\"params\":{}}"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_str(), "[]");
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+}
+
+#[test]
+fn the_access_log_has_the_fields_and_never_secrets() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, "\n[log]\nformat = \"json\"\n"));
+    let r = request(
+        gw.http,
+        "POST",
+        "/json/2/res.partner/search_read?access_token=TOKEN789",
+        &[
+            ("Authorization", "bearer SECRET123"),
+            ("Cookie", "session_id=COOKIE456"),
+        ],
+        Some(b"{\"password\":\"PW000\"}"),
+    );
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").expect("id").to_string();
+    let line = gw.wait_log_line(&[&id]);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["target"], "erpgate::access");
+    assert_eq!(v["client"], "127.0.0.1");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/json/2/res.partner/search_read");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["class"], "integration");
+    assert_eq!(v["pool"], "web");
+    assert_eq!(v["upstream"], fake.web_addr().to_string());
+    assert_eq!(v["bytes_in"], 20);
+    assert!(v["bytes_out"].as_u64().is_some_and(|n| n > 0), "{line}");
+    assert!(
+        v["duration_ms"].is_string() || v["duration_ms"].is_number(),
+        "{line}"
+    );
+    assert!(v["timestamp"].is_string(), "{line}");
+    let log = gw.log();
+    for secret in ["SECRET123", "COOKIE456", "PW000", "TOKEN789"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}

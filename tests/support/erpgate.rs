@@ -1,0 +1,160 @@
+//! Runs the real `erpgate` binary for a test: writes the config into a temp dir, picks free
+//! ports for its listeners, waits until the admin `/healthz` answers, kills it on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_erpgate");
+
+pub struct Erpgate {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+fn port() -> u16 {
+    super::free_port()
+}
+
+impl Erpgate {
+    /// Starts erpgate with `body` (everything but `[listen]`, which this adds).
+    pub fn start(body: &str) -> Erpgate {
+        Self::start_with_env(body, &[])
+    }
+
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Erpgate {
+        let http: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
+        let config = format!("[listen]\nhttp = [\"{http}\"]\nadmin = \"{admin}\"\n\n{body}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("erpgate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log_path = dir.path().join("erpgate.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("ERPGATE_ZONE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clone"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn erpgate");
+        let mut g = Erpgate {
+            child: Some(child),
+            http,
+            admin,
+            dir,
+            config_path,
+            log_path,
+        };
+        g.wait_ready();
+        g
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("erpgate exited during start-up ({status}):\n{}", self.log());
+                }
+            }
+            if admin_get(self.admin, "/healthz").is_some_and(|(s, _)| s == 200)
+                && TcpStream::connect(self.http).is_ok()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("erpgate not ready after 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything erpgate wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing every needle; returns that line.
+    pub fn wait_log_line(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("no log line with {needles:?} in:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+}
+
+impl Drop for Erpgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A tiny GET to the admin listener: (status, body), or None if it does not answer.
+pub fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Runs `erpgate check --config FILE` on `text`: (exit code, stdout, stderr).
+pub fn check(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("erpgate.toml");
+    std::fs::write(&path, text).expect("write config");
+    check_file(&path)
+}
+
+pub fn check_file(path: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .env_remove("ERPGATE_ZONE")
+        .output()
+        .expect("run erpgate check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
