@@ -25,3 +25,13 @@ pub fn free_port() -> u16 {
 pub fn refused_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
+
+/// Every value of header `name` (any case) in a list whose names are lowercased.
+pub fn headers_all<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    let name = name.to_ascii_lowercase();
+    headers
+        .iter()
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
