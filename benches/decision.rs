@@ -17,7 +17,7 @@ fn decide(
     raw_path: &str,
     headers: &HeaderMap,
     peer: IpAddr,
-) -> (Option<usize>, IpAddr) {
+) -> (Option<(usize, Option<usize>)>, IpAddr) {
     let path = normalize_path(raw_path);
     let host = request_host(None, headers.get("host").map(|v| v.as_bytes()));
     let facts = RequestFacts {

@@ -6,7 +6,8 @@ use crate::proxy::Ctx;
 use pingora::proxy::Session;
 use pingora::Error;
 
-pub fn log(session: &Session, e: Option<&Error>, ctx: &Ctx) {
+/// Writes the line; returns the status the client got (0: none).
+pub fn log(session: &Session, e: Option<&Error>, ctx: &Ctx) -> u16 {
     let req = session.req_header();
     let status = session
         .response_written()
@@ -32,4 +33,5 @@ pub fn log(session: &Session, e: Option<&Error>, ctx: &Ctx) {
         request_id = ctx.request_id(),
         error,
     );
+    status
 }

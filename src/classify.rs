@@ -146,15 +146,49 @@ impl Alternative {
     }
 }
 
-/// Index of the first class (given as its alternatives) that takes the request. A class with
-/// no alternatives takes every request.
-pub fn classify<'c, I>(classes: I, r: &RequestFacts<'_>) -> Option<usize>
+/// The first class (given as its alternatives) that takes the request: its index, and the
+/// index of the alternative that matched (`None` for a class without `match`).
+pub fn classify<'c, I>(classes: I, r: &RequestFacts<'_>) -> Option<(usize, Option<usize>)>
 where
     I: IntoIterator<Item = &'c [Alternative]>,
 {
-    classes
-        .into_iter()
-        .position(|alts| alts.is_empty() || alts.iter().any(|a| a.matches(r)))
+    classes.into_iter().enumerate().find_map(|(i, alts)| {
+        if alts.is_empty() {
+            Some((i, None))
+        } else {
+            alts.iter().position(|a| a.matches(r)).map(|j| (i, Some(j)))
+        }
+    })
+}
+
+impl std::fmt::Display for Alternative {
+    /// `path_prefix=/web/database/ method=POST`: the rule as the audit log names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, c) in self.conds.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match c {
+                Cond::Path(p) => write!(f, "path={p}")?,
+                Cond::PathPrefix(p) => write!(f, "path_prefix={p}")?,
+                Cond::Method(ms) => {
+                    let names: Vec<&str> = ms.iter().map(|m| m.as_str()).collect();
+                    write!(f, "method={}", names.join(","))?
+                }
+                Cond::Host(HostPattern::Exact(h)) => write!(f, "host={h}")?,
+                Cond::Host(HostPattern::Suffix(s)) => write!(f, "host=*{s}")?,
+                Cond::Header {
+                    name,
+                    value_prefix: None,
+                } => write!(f, "header={name}")?,
+                Cond::Header {
+                    name,
+                    value_prefix: Some(p),
+                } => write!(f, "header={name} value_prefix={p:?}")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The path as Odoo's router sees it: query removed by the caller, percent-escapes decoded

@@ -1,5 +1,6 @@
 //! The Pingora `ProxyHttp` implementation: each phase is a short call into the pure modules.
 
+use crate::audit::{AuditLog, Record};
 use crate::classify::{classify, normalize_path, request_host, RequestFacts};
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
@@ -13,7 +14,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,34 @@ const X_REQUEST_ID: &str = "x-request-id";
 /// The proxy. Holds the config store; each request takes one snapshot of it.
 pub struct ErpGate {
     store: Arc<ArcSwap<Config>>,
+    audit: Option<AuditLog>,
 }
 
 impl ErpGate {
     pub fn new(store: Arc<ArcSwap<Config>>) -> Self {
-        ErpGate { store }
+        let audit = store.load().audit_path.clone().map(AuditLog::open);
+        ErpGate { store, audit }
+    }
+}
+
+/// Holds one place of a class's `max_in_flight` for the request's life.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Takes a place, or None when `max` requests are in flight already.
+    fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<InFlight> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(counter.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -35,7 +59,13 @@ pub struct Ctx {
     cfg: Arc<Config>,
     started: Instant,
     class: Option<usize>,
+    /// The `match` alternative that took the request (None: class without `match`).
+    rule: Option<usize>,
+    peer: IpAddr,
     fwd: Option<Forwarded>,
+    /// Why erpgate refused the request itself (`allowed` when it did not).
+    decision: &'static str,
+    in_flight: Option<InFlight>,
     request_id: String,
     /// Index in the pool of the server of the current attempt.
     server: Option<usize>,
@@ -73,7 +103,10 @@ fn head_size(req: &RequestHeader) -> usize {
 /// Writes a short plain-text answer of erpgate's own.
 async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
     let body = Bytes::from(format!("{code} {}\n", reason(code)));
-    let mut resp = ResponseHeader::build(code, Some(4))?;
+    let mut resp = ResponseHeader::build(code, Some(5))?;
+    if code == 503 {
+        resp.insert_header(header::RETRY_AFTER, "1")?;
+    }
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
@@ -96,7 +129,11 @@ impl ProxyHttp for ErpGate {
             cfg: self.store.load_full(),
             started: Instant::now(),
             class: None,
+            rule: None,
+            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             fwd: None,
+            decision: "allowed",
+            in_flight: None,
             request_id: String::new(),
             server: None,
             tried: Vec::new(),
@@ -146,21 +183,44 @@ impl ProxyHttp for ErpGate {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
+        let client = fwd.client;
+        ctx.peer = peer;
         ctx.fwd = Some(fwd);
-        ctx.class = class;
+        ctx.class = class.map(|(c, _)| c);
+        ctx.rule = class.and_then(|(_, r)| r);
         if too_big {
+            ctx.decision = "header_too_large";
             respond(session, ctx, 431, true).await?;
             return Ok(true);
         }
-        let Some(class) = class.and_then(|i| cfg.classes.get(i)) else {
+        let Some(class) = ctx.class.and_then(|i| cfg.classes.get(i)) else {
+            ctx.decision = "no_class";
             respond(session, ctx, 404, false).await?;
             return Ok(true);
         };
+        if let Some(allow) = &class.allow {
+            if !allow.iter().any(|n| n.contains(&client)) {
+                ctx.decision = "denied_ip";
+                respond(session, ctx, 403, false).await?;
+                return Ok(true);
+            }
+        }
+        if let Some(max) = class.max_in_flight {
+            match InFlight::take(&class.in_flight, max) {
+                Some(place) => ctx.in_flight = Some(place),
+                None => {
+                    ctx.decision = "over_capacity";
+                    respond(session, ctx, 503, false).await?;
+                    return Ok(true);
+                }
+            }
+        }
         // An idle client (between body reads, or on an upgraded socket) is cut only after the
         // class's idle timeout, not Pingora's default 60 s.
         session.set_read_timeout(Some(class.timeouts.idle));
         if let (Some(max), Some(len)) = (class.max_body, content_length) {
             if len > max {
+                ctx.decision = "body_too_large";
                 respond(session, ctx, 413, true).await?;
                 return Ok(true);
             }
@@ -179,6 +239,7 @@ impl ProxyHttp for ErpGate {
             ctx.body_bytes += b.len() as u64;
             if let Some(max) = ctx.class(&ctx.cfg).and_then(|c| c.max_body) {
                 if ctx.body_bytes > max {
+                    ctx.decision = "body_too_large";
                     return Error::e_explain(
                         ErrorType::HTTPStatus(413),
                         "request body exceeds max_body",
@@ -362,7 +423,39 @@ impl ProxyHttp for ErpGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        crate::access::log(session, e, ctx);
+        let status = crate::access::log(session, e, ctx);
+        if let (Some(audit), Some(class)) = (&self.audit, ctx.class(&ctx.cfg)) {
+            if class.audit {
+                let req = session.req_header();
+                let xff: Vec<&str> = req
+                    .headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                let rule = match ctx.rule {
+                    Some(i) => class
+                        .alternatives
+                        .get(i)
+                        .map_or_else(String::new, |a| a.to_string()),
+                    None => "(no match: takes every request)".to_string(),
+                };
+                audit.write(&Record {
+                    time: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                        .to_string(),
+                    client_ip: ctx.client().map_or_else(String::new, |c| c.to_string()),
+                    peer_ip: ctx.peer.to_string(),
+                    forwarded_for: &xff.join(", "),
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    class: &class.name,
+                    rule: &rule,
+                    decision: ctx.decision,
+                    status,
+                    request_id: &ctx.request_id,
+                });
+            }
+        }
     }
 }
 

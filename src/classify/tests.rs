@@ -52,6 +52,7 @@ fn class_of(method: &str, raw_path: &str, headers: &HeaderMap) -> Option<usize> 
         classes.iter().map(|c| c.as_slice()),
         &facts(&m, &path, None, headers),
     )
+    .map(|(class, _)| class)
 }
 
 #[test]
@@ -135,6 +136,7 @@ fn methods_hosts_and_headers() {
             classes.iter().map(|c| c.as_slice()),
             &facts(m, "/", host, h),
         )
+        .map(|(class, _)| class)
     };
     assert_eq!(c(&Method::POST, Some("a.example.com"), &h), Some(0));
     assert_eq!(c(&Method::GET, Some("erp.example.com"), &h), Some(1));
@@ -179,4 +181,26 @@ fn coverage_between_alternatives() {
     }]);
     assert!(any_auth.covers(&bearer));
     assert!(!bearer.covers(&any_auth));
+}
+
+#[test]
+fn the_matching_alternative_is_reported_and_printable() {
+    let classes = default_classes();
+    let h = HeaderMap::new();
+    let m = Method::POST;
+    let hit = classify(
+        classes.iter().map(|c| c.as_slice()),
+        &facts(&m, "/xmlrpc/db", None, &h),
+    );
+    assert_eq!(hit, Some((0, Some(2))));
+    assert_eq!(classes[0][2].to_string(), "path_prefix=/xmlrpc/db");
+    let catch_all = classify(
+        classes.iter().map(|c| c.as_slice()),
+        &facts(&m, "/odoo", None, &h),
+    );
+    assert_eq!(catch_all, Some((3, None)));
+    assert_eq!(
+        classes[2][3].to_string(),
+        "header=authorization value_prefix=\"bearer \""
+    );
 }

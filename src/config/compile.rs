@@ -102,6 +102,21 @@ impl Compiler<'_> {
         let log = self.log(f.log);
         let pools = self.pools(f.pools, &network.zone);
         let classes = self.classes(f.class, &pools);
+        let audit_path = f.audit.and_then(|a| a.path).and_then(|p| {
+            if p.get_ref().trim().is_empty() {
+                self.error(&p, "audit.path", "must name a file");
+                None
+            } else {
+                Some(std::path::PathBuf::from(p.get_ref()))
+            }
+        });
+        if audit_path.is_none() && classes.iter().any(|c| c.audit) {
+            self.error_at(
+                0,
+                "audit.path",
+                "a class has `audit = true`: [audit] path is needed",
+            );
+        }
         Some(Config {
             source: self.file.to_string(),
             listen: listen?,
@@ -110,6 +125,7 @@ impl Compiler<'_> {
             log,
             pools,
             classes,
+            audit_path,
         })
     }
 
@@ -533,6 +549,26 @@ impl Compiler<'_> {
                     .or(Some(DEFAULT_MAX_BODY)),
                 None => Some(DEFAULT_MAX_BODY),
             };
+            let allow = c.allow.as_ref().map(|list| {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(j, s)| self.cidr(s, &format!("{path}.allow[{j}]")))
+                    .collect::<Vec<_>>()
+            });
+            let max_in_flight = match &c.max_in_flight {
+                Some(n) if *n.get_ref() >= 1 && *n.get_ref() <= 1_000_000 => {
+                    Some(*n.get_ref() as usize)
+                }
+                Some(n) => {
+                    self.error(
+                        n,
+                        &format!("{path}.max_in_flight"),
+                        "must be between 1 and 1000000",
+                    );
+                    None
+                }
+                None => None,
+            };
             let mut alternatives = Vec::new();
             let errors_before = self.errors.len();
             if let Some(m) = c.matches {
@@ -598,6 +634,10 @@ impl Compiler<'_> {
                     pool,
                     timeouts,
                     max_body,
+                    allow,
+                    max_in_flight,
+                    in_flight: Default::default(),
+                    audit: c.audit.unwrap_or(false),
                 });
             }
         }

@@ -20,6 +20,7 @@ pub struct File {
     pub server: Option<Server>,
     pub log: Option<Log>,
     pub pools: Option<Spanned<Named<Spanned<Pool>>>>,
+    pub audit: Option<Audit>,
     pub class: Option<Vec<Spanned<Class>>>,
 }
 
@@ -55,6 +56,12 @@ pub struct Log {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Audit {
+    pub path: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pool {
     pub servers: Option<Spanned<Vec<Spanned<ServerEntry>>>>,
 }
@@ -75,6 +82,9 @@ pub struct Class {
     pub pool: Option<Str>,
     pub timeouts: Option<Spanned<Timeouts>>,
     pub max_body: Option<Str>,
+    pub allow: Option<Vec<Str>>,
+    pub max_in_flight: Option<Spanned<i64>>,
+    pub audit: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -77,6 +77,8 @@ pub struct Config {
     pub log: LogSettings,
     pub pools: Vec<Pool>,
     pub classes: Vec<Class>,
+    /// Where audited classes' requests are appended as JSON lines.
+    pub audit_path: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +149,14 @@ pub struct Class {
     pub timeouts: Timeouts,
     /// `None`: unlimited.
     pub max_body: Option<u64>,
+    /// `None`: every client; otherwise only clients in these networks (others: 403).
+    pub allow: Option<Vec<IpNet>>,
+    /// Most requests of this class in flight at once (beyond: 503).
+    pub max_in_flight: Option<usize>,
+    /// Requests of this class in flight now.
+    pub in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Every request of this class is written to the audit log.
+    pub audit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

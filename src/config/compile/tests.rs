@@ -253,3 +253,40 @@ fn hostile_input_never_panics() {
         let _ = parse(t, "t", None);
     }
 }
+
+#[test]
+fn allowlists_caps_and_audit_are_compiled_and_checked() {
+    let t = MINIMAL.replace(
+        "pool = \"web\"",
+        "pool = \"web\"\nallow = [\"10.0.0.0/8\", \"::1\", \"nope\"]\nmax_in_flight = 0\naudit = true",
+    );
+    let errs = errors(&t);
+    assert!(
+        has(&errs, "class[0].allow[2]: `nope` is not an IP network"),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "class[0].max_in_flight: must be between 1 and 1000000"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&errs, "audit.path: a class has `audit = true`"),
+        "{errs:#?}"
+    );
+    let ok = t
+        .replace(", \"nope\"", "")
+        .replace("max_in_flight = 0", "max_in_flight = 16")
+        + "\n[audit]\npath = \"audit.jsonl\"\n";
+    let cfg = parse(&ok, "t", None).expect("valid");
+    let c = &cfg.classes[0];
+    assert_eq!(c.allow.as_ref().map(Vec::len), Some(2));
+    assert_eq!(c.max_in_flight, Some(16));
+    assert!(c.audit);
+    assert_eq!(
+        cfg.audit_path.as_deref(),
+        Some(std::path::Path::new("audit.jsonl"))
+    );
+}

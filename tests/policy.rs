@@ -1,0 +1,211 @@
+//! Access policy through the real binary: allowlists (with forged and trusted
+//! `X-Forwarded-For`), in-flight caps that keep other classes working, and the audit log.
+
+mod support;
+
+use std::time::Duration;
+use support::erpgate::Erpgate;
+use support::*;
+
+fn config(fake: &FakeOdoo, trusted: &str, audit: &std::path::Path) -> String {
+    format!(
+        r#"
+[network]
+trusted_proxies = [{trusted}]
+
+[audit]
+path = "{audit}"
+
+[pools.web]
+servers = [{{ address = "{web}" }}]
+
+[[class]]
+name = "admin"
+match = [{{ path_prefix = "/web/database/" }}, {{ path_prefix = "/xmlrpc/2/db" }}]
+pool = "web"
+allow = ["10.0.0.0/8", "::1/128"]
+audit = true
+
+[[class]]
+name = "integration"
+match = [{{ path_prefix = "/xmlrpc/" }}, {{ path_prefix = "/slow" }}]
+pool = "web"
+max_in_flight = 2
+
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        web = fake.web_addr(),
+        audit = audit.display(),
+    )
+}
+
+fn audit_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} audit lines, wanted {n}:\n{text}",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn admin_paths_are_refused_to_clients_outside_the_allowlist_even_with_a_forged_header() {
+    let fake = FakeOdoo::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    // No trusted proxies: the test client (127.0.0.1) is the client, outside 10.0.0.0/8.
+    let gw = Erpgate::start(&config(&fake, "", &audit));
+    for (method, path) in [
+        ("GET", "/web/database/manager"),
+        ("POST", "/web/database/drop"),
+        ("POST", "/xmlrpc/2/db"),
+        ("GET", "/web/%64atabase/selector"),
+    ] {
+        let body = (method == "POST").then_some(b"master_pwd=x&name=prod".as_slice());
+        let r = request(
+            gw.http,
+            method,
+            path,
+            &[
+                ("X-Forwarded-For", "10.1.2.3"),
+                ("Authorization", "Basic c2VjcmV0"),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 403, "{method} {path}");
+    }
+    assert!(
+        fake.requests().is_empty(),
+        "a denied admin request reached Odoo"
+    );
+    // Other classes are not affected.
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+
+    let lines = audit_lines(&audit, 4);
+    assert_eq!(lines.len(), 4);
+    let first = &lines[0];
+    assert_eq!(first["decision"], "denied_ip");
+    assert_eq!(first["status"], 403);
+    assert_eq!(first["client_ip"], "127.0.0.1");
+    assert_eq!(first["peer_ip"], "127.0.0.1");
+    assert_eq!(first["forwarded_for"], "10.1.2.3");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/web/database/manager");
+    assert_eq!(first["class"], "admin");
+    assert_eq!(first["rule"], "path_prefix=/web/database/");
+    assert!(first["request_id"].as_str().is_some_and(|s| s.len() == 32));
+    assert!(first["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let text = std::fs::read_to_string(&audit).expect("audit file");
+    assert!(
+        !text.contains("c2VjcmV0") && !text.contains("master_pwd"),
+        "credentials in the audit log"
+    );
+}
+
+#[test]
+fn a_trusted_load_balancer_vouches_for_an_allowed_client() {
+    let fake = FakeOdoo::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let gw = Erpgate::start(&config(&fake, "\"127.0.0.1/32\"", &audit));
+    let r = request(
+        gw.http,
+        "GET",
+        "/web/database/manager",
+        &[("X-Forwarded-For", "10.1.2.3")],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        fake.wait_for_requests(1, Duration::from_secs(5))[0].header("x-real-ip"),
+        Some("10.1.2.3")
+    );
+    // The balancer says the client is outside: refused.
+    let r = request(
+        gw.http,
+        "GET",
+        "/web/database/manager",
+        &[("X-Forwarded-For", "10.1.2.3, 203.0.113.5")],
+        None,
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(fake.requests().len(), 1);
+    let lines = audit_lines(&audit, 2);
+    assert_eq!(lines[0]["decision"], "allowed");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["client_ip"], "10.1.2.3");
+    assert_eq!(lines[1]["decision"], "denied_ip");
+    assert_eq!(lines[1]["client_ip"], "203.0.113.5");
+}
+
+#[test]
+fn a_saturated_class_gets_503_while_users_keep_working() {
+    let fake = FakeOdoo::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Erpgate::start(&config(&fake, "", &dir.path().join("audit.jsonl")));
+    let http = gw.http;
+    let slow: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || get(http, "/slow?ms=2000").status))
+        .collect();
+    fake.wait_for_requests(2, Duration::from_secs(5));
+    let r = request(
+        gw.http,
+        "POST",
+        "/xmlrpc/2/object",
+        &[],
+        Some(b"<methodCall/>"),
+    );
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    for _ in 0..5 {
+        assert_eq!(get(gw.http, "/odoo/action-1").status, 200);
+    }
+    for t in slow {
+        assert_eq!(t.join().expect("slow request"), 200);
+    }
+    // The places are given back.
+    assert_eq!(
+        request(
+            gw.http,
+            "POST",
+            "/xmlrpc/2/object",
+            &[],
+            Some(b"<methodCall/>")
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn an_unwritable_audit_log_does_not_block_traffic() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&config(
+        &fake,
+        "\"127.0.0.1/32\"",
+        std::path::Path::new("/nonexistent-dir/audit.jsonl"),
+    ));
+    let r = request(
+        gw.http,
+        "GET",
+        "/web/database/manager",
+        &[("X-Forwarded-For", "10.1.2.3")],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    gw.wait_log_line(&["audit log: cannot write"]);
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+}
