@@ -8,5 +8,6 @@ pub mod classify;
 pub mod config;
 pub mod errors;
 pub mod forwarded;
+pub mod policy;
 pub mod proxy;
 pub mod server;

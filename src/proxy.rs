@@ -5,6 +5,7 @@ use crate::classify::{classify, normalize_path, request_host, RequestFacts};
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
+use crate::policy::ratelimit::Verdict;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,7 +30,26 @@ pub struct ErpGate {
 impl ErpGate {
     pub fn new(store: Arc<ArcSwap<Config>>) -> Self {
         let audit = store.load().audit_path.clone().map(AuditLog::open);
+        spawn_pruner(store.clone());
         ErpGate { store, audit }
+    }
+}
+
+/// Every 10 s, drops rate-limit buckets that are full again, so memory follows the clients
+/// active now, not every client ever seen.
+fn spawn_pruner(store: Arc<ArcSwap<Config>>) {
+    let spawned = std::thread::Builder::new()
+        .name("erpgate-prune".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(10));
+            for class in &store.load().classes {
+                if let Some(limit) = &class.rate_limit {
+                    limit.prune();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the rate-limit pruning thread: {e}");
     }
 }
 
@@ -102,10 +122,23 @@ fn head_size(req: &RequestHeader) -> usize {
 
 /// Writes a short plain-text answer of erpgate's own.
 async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
+    respond_with(session, ctx, code, close, &[]).await
+}
+
+async fn respond_with(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    code: u16,
+    close: bool,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
     let body = Bytes::from(format!("{code} {}\n", reason(code)));
-    let mut resp = ResponseHeader::build(code, Some(5))?;
+    let mut resp = ResponseHeader::build(code, Some(5 + extra.len()))?;
     if code == 503 {
         resp.insert_header(header::RETRY_AFTER, "1")?;
+    }
+    for (k, v) in extra {
+        resp.insert_header(*k, v.as_str())?;
     }
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
@@ -202,6 +235,32 @@ impl ProxyHttp for ErpGate {
             if !allow.iter().any(|n| n.contains(&client)) {
                 ctx.decision = "denied_ip";
                 respond(session, ctx, 403, false).await?;
+                return Ok(true);
+            }
+        }
+        if let Some(limit) = &class.rate_limit {
+            let req = session.req_header();
+            let host = request_host(
+                req.uri.host(),
+                req.headers.get(header::HOST).map(|v| v.as_bytes()),
+            );
+            let key = limit.spec.key(client, host.as_deref(), &req.headers);
+            if let Verdict::Limited { retry_after } = limit.check(&key) {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let policy = format!(
+                    "\"{}\";q={};w={}",
+                    class.name,
+                    limit.burst,
+                    limit.period.as_secs()
+                );
+                let state = format!("\"{}\";r=0;t={secs}", class.name);
+                ctx.decision = "rate_limited";
+                let extra = [
+                    ("retry-after", secs.to_string()),
+                    ("ratelimit-policy", policy),
+                    ("ratelimit", state),
+                ];
+                respond_with(session, ctx, 429, false, &extra).await?;
                 return Ok(true);
             }
         }

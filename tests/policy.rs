@@ -209,3 +209,61 @@ fn an_unwritable_audit_log_does_not_block_traffic() {
     gw.wait_log_line(&["audit log: cannot write"]);
     assert_eq!(get(gw.http, "/odoo").status, 200);
 }
+
+#[test]
+fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&format!(
+        r#"
+[pools.web]
+servers = [{{ address = "{web}" }}]
+
+[[class]]
+name = "integration"
+match = {{ path_prefix = "/xmlrpc/" }}
+pool = "web"
+rate_limit = {{ key = "header:x-api-key", rate = "2/min", burst = 3 }}
+
+[[class]]
+name = "user"
+pool = "web"
+rate_limit = {{ key = "client_ip", rate = "1/h", burst = 2 }}
+"#,
+        web = fake.web_addr()
+    ));
+    let call = |key: &str| {
+        request(
+            gw.http,
+            "POST",
+            "/xmlrpc/2/object",
+            &[("X-Api-Key", key)],
+            Some(b"<methodCall/>"),
+        )
+    };
+    let statuses: Vec<u16> = (0..5).map(|_| call("key-a").status).collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
+    let r = call("key-a");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"integration\";q=3;w=60")
+    );
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!("\"integration\";r=0;t={retry}").as_str())
+    );
+    // Another API key from the same IP has its own bucket.
+    assert_eq!(call("key-b").status, 200);
+    assert_eq!(fake.requests().len(), 4, "a limited request reached Odoo");
+    // The user class counts per client IP, separately from the integration class.
+    let users: Vec<u16> = (0..3).map(|_| get(gw.http, "/odoo").status).collect();
+    assert_eq!(users, vec![200, 200, 429]);
+    let line = gw.wait_log_line(&["status=429", "class=\"user\""]);
+    assert!(line.contains("client=127.0.0.1"), "{line}");
+}

@@ -4,6 +4,7 @@ use super::file::{self, Str};
 use super::locate::{line_col, path_at, remove_at};
 use super::*;
 use crate::classify::{Alternative, Cond, HostPattern};
+use crate::policy::ratelimit::{parse_rate, KeySpec, Limit};
 use http::{HeaderName, Method};
 use std::collections::HashMap;
 use toml::de::DeTable;
@@ -569,6 +570,10 @@ impl Compiler<'_> {
                 }
                 None => None,
             };
+            let rate_limit = c
+                .rate_limit
+                .as_ref()
+                .and_then(|r| self.rate_limit(r, &format!("{path}.rate_limit")));
             let mut alternatives = Vec::new();
             let errors_before = self.errors.len();
             if let Some(m) = c.matches {
@@ -638,10 +643,85 @@ impl Compiler<'_> {
                     max_in_flight,
                     in_flight: Default::default(),
                     audit: c.audit.unwrap_or(false),
+                    rate_limit,
                 });
             }
         }
         out
+    }
+
+    fn rate_limit(
+        &mut self,
+        r: &Spanned<file::RateLimit>,
+        path: &str,
+    ) -> Option<std::sync::Arc<Limit>> {
+        let at = r.span().start;
+        let r = r.get_ref();
+        let spec = match &r.key {
+            Some(k) => match KeySpec::parse(k.get_ref()) {
+                Some(spec) => Some(spec),
+                None if k.get_ref() == "integration_client" => {
+                    self.error(k, &format!("{path}.key"), "`integration_client` is not supported by this version yet; use \"client_ip\" or \"header:NAME\"");
+                    None
+                }
+                None => {
+                    self.error(k, &format!("{path}.key"), format!("`{}` is not one of \"client_ip\", \"host\", \"global\", \"header:NAME\"", k.get_ref()));
+                    None
+                }
+            },
+            None => {
+                self.error_at(
+                    at,
+                    &format!("{path}.key"),
+                    "missing key: what requests are counted by",
+                );
+                None
+            }
+        };
+        let rate = match &r.rate {
+            Some(v) => match parse_rate(v.get_ref()) {
+                Some(rate) => Some(rate),
+                None => {
+                    self.error(
+                        v,
+                        &format!("{path}.rate"),
+                        format!(
+                            "`{}` is not a rate (e.g. \"100/s\", \"10/min\", \"500/h\")",
+                            v.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.error_at(
+                    at,
+                    &format!("{path}.rate"),
+                    "missing key: e.g. rate = \"100/s\"",
+                );
+                None
+            }
+        };
+        let burst = match &r.burst {
+            Some(b) if (1..=1_000_000).contains(b.get_ref()) => Some(*b.get_ref() as u32),
+            Some(b) => {
+                self.error(b, &format!("{path}.burst"), "must be between 1 and 1000000");
+                None
+            }
+            None => rate.map(|(n, _)| n),
+        };
+        let (spec, (n, period), burst) = (spec?, rate?, burst?);
+        match Limit::new(spec, n, period, burst) {
+            Some(l) => Some(std::sync::Arc::new(l)),
+            None => {
+                self.error_at(
+                    at,
+                    path,
+                    "this rate is too high to enforce (more than one request per nanosecond)",
+                );
+                None
+            }
+        }
     }
 
     fn alternative(&mut self, alt: Spanned<file::Match>, path: &str) -> Option<Alternative> {

@@ -85,6 +85,15 @@ pub struct Class {
     pub allow: Option<Vec<Str>>,
     pub max_in_flight: Option<Spanned<i64>>,
     pub audit: Option<bool>,
+    pub rate_limit: Option<Spanned<RateLimit>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub key: Option<Str>,
+    pub rate: Option<Str>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

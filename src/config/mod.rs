@@ -157,6 +157,7 @@ pub struct Class {
     pub in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Every request of this class is written to the audit log.
     pub audit: bool,
+    pub rate_limit: Option<std::sync::Arc<crate::policy::ratelimit::Limit>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

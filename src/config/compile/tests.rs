@@ -290,3 +290,50 @@ fn allowlists_caps_and_audit_are_compiled_and_checked() {
         Some(std::path::Path::new("audit.jsonl"))
     );
 }
+
+#[test]
+fn rate_limits_are_compiled_and_checked() {
+    let with = |rl: &str| {
+        MINIMAL.replace(
+            "pool = \"web\"",
+            &format!("pool = \"web\"\nrate_limit = {rl}"),
+        )
+    };
+    let cfg = parse(
+        &with("{ key = \"client_ip\", rate = \"100/s\", burst = 200 }"),
+        "t",
+        None,
+    )
+    .expect("valid");
+    let l = cfg.classes[0].rate_limit.as_ref().expect("limit");
+    assert_eq!(
+        (l.rate, l.period, l.burst),
+        (100, Duration::from_secs(1), 200)
+    );
+    let cfg = parse(&with("{ key = \"global\", rate = \"10/min\" }"), "t", None).expect("valid");
+    assert_eq!(
+        cfg.classes[0].rate_limit.as_ref().map(|l| l.burst),
+        Some(10)
+    );
+    let errs = errors(&with("{ key = \"ip\", rate = \"fast\", burst = 0 }"));
+    assert!(
+        has(&errs, "class[0].rate_limit.key: `ip` is not one of"),
+        "{errs:#?}"
+    );
+    assert!(
+        has(&errs, "class[0].rate_limit.rate: `fast` is not a rate"),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "class[0].rate_limit.burst: must be between 1 and 1000000"
+        ),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("{ rate = \"1/s\" }"));
+    assert!(
+        has(&errs, "class[0].rate_limit.key: missing key"),
+        "{errs:#?}"
+    );
+}
