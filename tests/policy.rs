@@ -121,27 +121,23 @@ fn a_trusted_load_balancer_vouches_for_an_allowed_client() {
     let dir = tempfile::tempdir().expect("tempdir");
     let audit = dir.path().join("audit.jsonl");
     let gw = Erpgate::start(&config(&fake, "\"127.0.0.1/32\"", &audit));
-    let r = request(
-        gw.http,
-        "GET",
-        "/web/database/manager",
-        &[("X-Forwarded-For", "10.1.2.3")],
-        None,
-    );
-    assert_eq!(r.status, 200);
+    let manager_for = |xff: &str| {
+        request(
+            gw.http,
+            "GET",
+            "/web/database/manager",
+            &[("X-Forwarded-For", xff)],
+            None,
+        )
+        .status
+    };
+    assert_eq!(manager_for("10.1.2.3"), 200);
     assert_eq!(
         fake.wait_for_requests(1, Duration::from_secs(5))[0].header("x-real-ip"),
         Some("10.1.2.3")
     );
     // The balancer says the client is outside: refused.
-    let r = request(
-        gw.http,
-        "GET",
-        "/web/database/manager",
-        &[("X-Forwarded-For", "10.1.2.3, 203.0.113.5")],
-        None,
-    );
-    assert_eq!(r.status, 403);
+    assert_eq!(manager_for("10.1.2.3, 203.0.113.5"), 403);
     assert_eq!(fake.requests().len(), 1);
     let lines = audit_lines(&audit, 2);
     assert_eq!(lines[0]["decision"], "allowed");
