@@ -1,5 +1,7 @@
 //! The per-request decision path without a server: path normalization, host extraction,
-//! classification against the default config's classes, and the forwarded-header resolution.
+//! classification against the default config's classes, the forwarded-header resolution,
+//! the allowlist and the rate-limit check with the default config's limits (one client, so
+//! after the burst the limiter answers "limited": that is the path measured in steady state).
 //! Also: compiling the default config. Run: `cargo bench --bench decision`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -38,6 +40,19 @@ fn decide(
             .map(|v| v.as_bytes()),
         &cfg.network.trusted_proxies,
     );
+    // The class's policy: allowlist, then its rate limit.
+    if let Some((ix, _)) = class {
+        let c = &cfg.classes[ix];
+        let allowed = c
+            .allow
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&fwd.client)));
+        if allowed {
+            if let Some(limit) = &c.rate_limit {
+                black_box(limit.check(&limit.spec.key(fwd.client, host.as_deref(), headers)));
+            }
+        }
+    }
     (class, fwd.client)
 }
 
