@@ -27,6 +27,7 @@ fn decide(
         path: &path,
         host: host.as_deref(),
         headers,
+        jsonrpc: None,
     };
     let class = classify(
         cfg.classes.iter().map(|c| c.alternatives.as_slice()),
@@ -49,7 +50,7 @@ fn decide(
             .is_none_or(|nets| nets.iter().any(|n| n.contains(&fwd.client)));
         if allowed {
             if let Some(limit) = &c.rate_limit {
-                black_box(limit.check(&limit.spec.key(fwd.client, host.as_deref(), headers)));
+                black_box(limit.check(&limit.spec.key(fwd.client, host.as_deref(), headers, None)));
             }
         }
     }

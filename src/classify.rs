@@ -4,6 +4,7 @@
 //! resolved), the way Odoo's router will see them, so `/web/%64atabase/` or
 //! `/web/static/../database/` cannot slip past an admin class.
 
+use crate::jsonrpc::Service;
 use http::{HeaderMap, HeaderName, Method};
 use std::borrow::Cow;
 
@@ -15,6 +16,9 @@ pub struct RequestFacts<'a> {
     /// Host without port, lowercased, if the request named one.
     pub host: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The JSON-RPC service the body calls, once read (None: the body was not read, and
+    /// `jsonrpc_service` conditions do not hold; see [`needs_body`]).
+    pub jsonrpc: Option<&'a Service>,
 }
 
 /// One alternative of a class's `match`: all conditions must hold.
@@ -35,6 +39,9 @@ pub enum Cond {
         name: HeaderName,
         value_prefix: Option<String>,
     },
+    /// The JSON-RPC body calls this service (`params.service`); a body that cannot be read
+    /// with certainty calls every service.
+    JsonRpcService(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +100,7 @@ impl Cond {
                     }),
                 }
             }
+            Cond::JsonRpcService(name) => r.jsonrpc.is_some_and(|s| s.may_be(name)),
         }
     }
 
@@ -102,6 +110,7 @@ impl Cond {
             (Cond::Path(a), Cond::Path(b)) => a == b,
             (Cond::PathPrefix(a), Cond::Path(b) | Cond::PathPrefix(b)) => b.starts_with(a.as_str()),
             (Cond::Method(a), Cond::Method(b)) => b.iter().all(|m| a.contains(m)),
+            (Cond::JsonRpcService(a), Cond::JsonRpcService(b)) => a == b,
             (Cond::Host(a), Cond::Host(b)) => match (a, b) {
                 (HostPattern::Exact(x), HostPattern::Exact(y)) => x == y,
                 (HostPattern::Suffix(s), HostPattern::Exact(y)) => {
@@ -137,6 +146,19 @@ impl Alternative {
         self.conds.iter().all(|c| c.matches(r))
     }
 
+    fn reads_body(&self) -> bool {
+        self.conds
+            .iter()
+            .any(|c| matches!(c, Cond::JsonRpcService(_)))
+    }
+
+    /// Whether the conditions on the request head hold.
+    fn head_matches(&self, r: &RequestFacts<'_>) -> bool {
+        self.conds
+            .iter()
+            .all(|c| matches!(c, Cond::JsonRpcService(_)) || c.matches(r))
+    }
+
     /// Whether every request matching `other` also matches `self` (so a class listing `self`
     /// first leaves nothing of `other` for later classes).
     pub fn covers(&self, other: &Alternative) -> bool {
@@ -159,6 +181,24 @@ where
             alts.iter().position(|a| a.matches(r)).map(|j| (i, Some(j)))
         }
     })
+}
+
+/// Whether the class of a request depends on its body: an alternative with a
+/// `jsonrpc_service` condition fits the head, before any class takes the request on its head
+/// alone. Then the body is read and [`classify`] called again with `jsonrpc` set.
+pub fn needs_body<'c, I>(classes: I, r: &RequestFacts<'_>) -> bool
+where
+    I: IntoIterator<Item = &'c [Alternative]>,
+{
+    for alts in classes {
+        if alts.is_empty() || alts.iter().any(|a| !a.reads_body() && a.matches(r)) {
+            return false;
+        }
+        if alts.iter().any(|a| a.reads_body() && a.head_matches(r)) {
+            return true;
+        }
+    }
+    false
 }
 
 impl std::fmt::Display for Alternative {
@@ -185,6 +225,7 @@ impl std::fmt::Display for Alternative {
                     name,
                     value_prefix: Some(p),
                 } => write!(f, "header={name} value_prefix={p:?}")?,
+                Cond::JsonRpcService(name) => write!(f, "jsonrpc_service={name}")?,
             }
         }
         Ok(())

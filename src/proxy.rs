@@ -1,14 +1,15 @@
 //! The Pingora `ProxyHttp` implementation: each phase is a short call into the pure modules.
 
 use crate::audit::{AuditLog, Record};
-use crate::classify::{classify, normalize_path, request_host, RequestFacts};
+use crate::classify::{classify, needs_body, normalize_path, request_host, RequestFacts};
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
+use crate::jsonrpc::{Scanner, Service};
 use crate::policy::ratelimit::Verdict;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -94,6 +95,35 @@ pub struct Ctx {
     body_bytes: u64,
     /// Status erpgate answered itself, when it did.
     own_status: Option<u16>,
+    /// A JSON-RPC body still being read when the class was chosen (see [`Tail`]).
+    tail: Option<Tail>,
+    /// The client reached us over HTTPS: TLS on our listener, or `X-Forwarded-Proto: https`
+    /// from a trusted proxy.
+    https: bool,
+}
+
+/// The rest of a JSON-RPC body that was longer than what erpgate reads before choosing the
+/// class. It streams on to Odoo, one piece behind: the last piece is held until the whole
+/// body is read. If the complete body then calls a service of a class the client may not
+/// use, the request is cut before Odoo has all of it (Odoo parses nothing incomplete).
+struct Tail {
+    scanner: Scanner,
+    /// Body bytes that went through `request_body_filter` (the first ones again: Pingora
+    /// replays what was read before the class was chosen).
+    seen: u64,
+    held: Option<Bytes>,
+}
+
+/// At most this much of a body is read before choosing the class: Pingora keeps up to
+/// 64 KiB of a request body to send it again (its retry buffer), and what erpgate reads
+/// first must stay in it to reach Odoo.
+const PREFIX_MAX: u64 = 64 * 1024;
+
+/// The start of a request body, read before the class is chosen.
+struct Prefix {
+    bytes: BytesMut,
+    /// The whole body was read.
+    complete: bool,
 }
 
 impl Ctx {
@@ -153,6 +183,226 @@ async fn respond_with(
     Ok(())
 }
 
+/// A class's `security_headers` on a response from Odoo.
+fn add_security_headers(
+    resp: &mut ResponseHeader,
+    h: &crate::config::SecurityHeaders,
+    https: bool,
+) -> Result<()> {
+    if h.is_empty() {
+        return Ok(());
+    }
+    if h.nosniff {
+        resp.insert_header("x-content-type-options", "nosniff")?;
+    }
+    if let Some(v) = &h.referrer_policy {
+        resp.insert_header("referrer-policy", v.clone())?;
+    }
+    if !https {
+        // HSTS over plain HTTP is ignored by browsers; a Secure cookie would not come back.
+        return Ok(());
+    }
+    if let Some(v) = &h.hsts {
+        resp.insert_header(header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+    }
+    if h.secure_session_cookie {
+        let cookies: Vec<http::HeaderValue> = resp
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        let changed: Vec<Option<Vec<u8>>> = cookies
+            .iter()
+            .map(|c| crate::headers::secure_session_cookie(c.as_bytes()))
+            .collect();
+        if changed.iter().any(Option::is_some) {
+            resp.remove_header(&header::SET_COOKIE);
+            for (old, new) in cookies.into_iter().zip(changed) {
+                let value = match new {
+                    Some(v) => http::HeaderValue::from_bytes(&v).unwrap_or(old),
+                    None => old,
+                };
+                resp.append_header(header::SET_COOKIE, value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The class of a request (and whether its body decides it), from its head and, once read,
+/// the JSON-RPC service its body calls.
+fn classify_request(
+    cfg: &Config,
+    req: &RequestHeader,
+    jsonrpc: Option<&Service>,
+) -> (Option<(usize, Option<usize>)>, bool) {
+    let path = normalize_path(req.uri.path());
+    let host = request_host(
+        req.uri.host(),
+        req.headers.get(header::HOST).map(|v| v.as_bytes()),
+    );
+    let facts = RequestFacts {
+        method: &req.method,
+        path: &path,
+        host: host.as_deref(),
+        headers: &req.headers,
+        jsonrpc,
+    };
+    let classes = || cfg.classes.iter().map(|c| c.alternatives.as_slice());
+    let needs = jsonrpc.is_none() && needs_body(classes(), &facts);
+    (classify(classes(), &facts), needs)
+}
+
+/// Reads the start of the body: all of it when its Content-Length is at most
+/// [`PREFIX_MAX`], else the first piece that arrives. What is read stays in Pingora's retry
+/// buffer and goes to Odoo unchanged, first.
+async fn read_prefix(session: &mut Session) -> Result<Prefix> {
+    let mut bytes = BytesMut::new();
+    if session.as_mut().is_body_empty() {
+        return Ok(Prefix {
+            bytes,
+            complete: true,
+        });
+    }
+    let req = session.req_header();
+    let small = !req.headers.contains_key(header::TRANSFER_ENCODING)
+        && req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n <= PREFIX_MAX);
+    let expects_continue = req
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // The client waits for this before it sends the body; Odoo will not be asked again.
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await?;
+        session.req_header_mut().remove_header(&header::EXPECT);
+    }
+    session.as_mut().enable_retry_buffering();
+    loop {
+        match session
+            .read_request_body()
+            .await
+            .map_err(|e| e.into_down())?
+        {
+            Some(chunk) => bytes.extend_from_slice(&chunk),
+            None => break,
+        }
+        if !small || session.as_mut().is_body_done() {
+            break;
+        }
+    }
+    if session.as_ref().retry_buffer_truncated() {
+        // Cannot happen with the reads above; never send Odoo a body with a hole.
+        return Error::e_explain(
+            ErrorType::InternalError,
+            "request body prefix lost from the retry buffer",
+        );
+    }
+    let complete = session.as_mut().is_body_done();
+    Ok(Prefix { bytes, complete })
+}
+
+/// What a body prefix says about the JSON-RPC service: final when the body is complete.
+fn jsonrpc_verdict(req: &RequestHeader, scanner: &Scanner, complete: bool) -> Service {
+    let encoded = req
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        // Odoo would not decompress it either; whatever it is, it is not certain.
+        Service::Doubt
+    } else if complete {
+        scanner.finish()
+    } else {
+        scanner.so_far()
+    }
+}
+
+/// The caller identity of an XML-RPC or JSON-RPC body (database and login or uid).
+fn body_identity(prefix: &[u8], scanner: Option<&Scanner>) -> Option<u64> {
+    match prefix.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => match scanner {
+            Some(s) => s.identity(),
+            None => {
+                let mut s = Scanner::new();
+                s.feed(prefix);
+                s.identity()
+            }
+        },
+        Some(b'<') => crate::xmlrpc::identity(prefix),
+        _ => None,
+    }
+}
+
+impl ErpGate {
+    /// Reads a JSON-RPC body's rest (see [`Tail`]) and holds its last piece until the whole
+    /// body is known. Then: if it calls a service of another class, that class's allowlist
+    /// decides, and a refused request is cut (403) before Odoo has the whole body.
+    fn check_tail(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(tail) = ctx.tail.as_mut() else {
+            return Ok(());
+        };
+        if let Some(b) = body.as_ref() {
+            let start = tail.seen;
+            tail.seen += b.len() as u64;
+            let fed = tail.scanner.fed();
+            if tail.seen > fed {
+                let from = usize::try_from(fed.saturating_sub(start)).unwrap_or(usize::MAX);
+                tail.scanner.feed(b.get(from..).unwrap_or_default());
+            }
+        }
+        if !end_of_stream {
+            // Send the piece held back, hold this one.
+            let this = body.take();
+            *body = Some(tail.held.take().unwrap_or_default());
+            tail.held = this;
+            return Ok(());
+        }
+        let verdict = jsonrpc_verdict(session.req_header(), &tail.scanner, true);
+        let held = tail.held.take();
+        ctx.tail = None;
+        let cfg = ctx.cfg.clone();
+        let (class, _) = classify_request(&cfg, session.req_header(), Some(&verdict));
+        if class.map(|(c, _)| c) != ctx.class {
+            ctx.class = class.map(|(c, _)| c);
+            ctx.rule = class.and_then(|(_, r)| r);
+            let allowed = ctx
+                .class(&cfg)
+                .zip(ctx.client())
+                .is_some_and(|(c, ip)| c.allows(ip));
+            if !allowed {
+                ctx.decision = "denied_ip";
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(403),
+                    "the complete JSON-RPC body calls a service this client may not use",
+                );
+            }
+        }
+        if let Some(held) = held {
+            let mut all = BytesMut::from(held.as_ref());
+            if let Some(b) = body.as_ref() {
+                all.extend_from_slice(b);
+            }
+            *body = Some(all.freeze());
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for ErpGate {
     type CTX = Ctx;
@@ -172,6 +422,8 @@ impl ProxyHttp for ErpGate {
             tried: Vec::new(),
             body_bytes: 0,
             own_status: None,
+            tail: None,
+            https: false,
         }
     }
 
@@ -194,57 +446,87 @@ impl ProxyHttp for ErpGate {
             _ => forwarded::new_request_id(),
         };
         let too_big = head_size(req) > cfg.server.max_request_header;
-        let class = {
-            let path = normalize_path(req.uri.path());
-            let host = request_host(
-                req.uri.host(),
-                req.headers.get(header::HOST).map(|v| v.as_bytes()),
-            );
-            let facts = RequestFacts {
-                method: &req.method,
-                path: &path,
-                host: host.as_deref(),
-                headers: &req.headers,
-            };
-            classify(
-                cfg.classes.iter().map(|c| c.alternatives.as_slice()),
-                &facts,
-            )
-        };
+        let (mut class, needs) = classify_request(&cfg, req, None);
         let content_length = req
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let client = fwd.client;
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.https = tls
+            || (fwd.peer_trusted
+                && req
+                    .headers
+                    .get("x-forwarded-proto")
+                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https")));
         ctx.peer = peer;
         ctx.fwd = Some(fwd);
-        ctx.class = class.map(|(c, _)| c);
-        ctx.rule = class.and_then(|(_, r)| r);
         if too_big {
             ctx.decision = "header_too_large";
             respond(session, ctx, 431, true).await?;
             return Ok(true);
         }
+        // The body decides the class (a JSON-RPC `db` call is admin): read its start.
+        let mut prefix = None;
+        let mut scanner = None;
+        if needs {
+            let p = read_prefix(session).await?;
+            let mut sc = Scanner::new();
+            sc.feed(&p.bytes);
+            let verdict = jsonrpc_verdict(session.req_header(), &sc, p.complete);
+            class = classify_request(&cfg, session.req_header(), Some(&verdict)).0;
+            if !p.complete {
+                ctx.tail = Some(Tail {
+                    scanner: sc.clone(),
+                    seen: 0,
+                    held: None,
+                });
+            }
+            scanner = Some(sc);
+            prefix = Some(p);
+        }
+        ctx.class = class.map(|(c, _)| c);
+        ctx.rule = class.and_then(|(_, r)| r);
         let Some(class) = ctx.class.and_then(|i| cfg.classes.get(i)) else {
             ctx.decision = "no_class";
             respond(session, ctx, 404, false).await?;
             return Ok(true);
         };
-        if let Some(allow) = &class.allow {
-            if !allow.iter().any(|n| n.contains(&client)) {
-                ctx.decision = "denied_ip";
-                respond(session, ctx, 403, false).await?;
+        if !class.allows(client) {
+            ctx.decision = "denied_ip";
+            respond(session, ctx, 403, false).await?;
+            return Ok(true);
+        }
+        // An idle client (between body reads, or on an upgraded socket) is cut only after the
+        // class's idle timeout, not Pingora's default 60 s.
+        session.set_read_timeout(Some(class.timeouts.idle));
+        if let (Some(max), Some(len)) = (class.max_body, content_length) {
+            if len > max {
+                ctx.decision = "body_too_large";
+                respond(session, ctx, 413, true).await?;
                 return Ok(true);
             }
         }
         if let Some(limit) = &class.rate_limit {
+            let identity = if limit.spec.reads_body(&session.req_header().headers) {
+                if prefix.is_none() {
+                    prefix = Some(read_prefix(session).await?);
+                }
+                prefix
+                    .as_ref()
+                    .and_then(|p| body_identity(&p.bytes, scanner.as_ref()))
+            } else {
+                None
+            };
             let req = session.req_header();
             let host = request_host(
                 req.uri.host(),
                 req.headers.get(header::HOST).map(|v| v.as_bytes()),
             );
-            let key = limit.spec.key(client, host.as_deref(), &req.headers);
+            let key = limit
+                .spec
+                .key(client, host.as_deref(), &req.headers, identity);
             if let Verdict::Limited { retry_after } = limit.check(&key) {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 let policy = format!(
@@ -274,24 +556,14 @@ impl ProxyHttp for ErpGate {
                 }
             }
         }
-        // An idle client (between body reads, or on an upgraded socket) is cut only after the
-        // class's idle timeout, not Pingora's default 60 s.
-        session.set_read_timeout(Some(class.timeouts.idle));
-        if let (Some(max), Some(len)) = (class.max_body, content_length) {
-            if len > max {
-                ctx.decision = "body_too_large";
-                respond(session, ctx, 413, true).await?;
-                return Ok(true);
-            }
-        }
         Ok(false)
     }
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(b) = body {
@@ -305,6 +577,9 @@ impl ProxyHttp for ErpGate {
                     );
                 }
             }
+        }
+        if ctx.tail.is_some() {
+            self.check_tail(session, body, end_of_stream, ctx)?;
         }
         Ok(())
     }
@@ -392,11 +667,7 @@ impl ProxyHttp for ErpGate {
         };
         let trusted = fwd.peer_trusted;
         let req = session.req_header();
-        // The listener's scheme, unless a trusted proxy says the client came over HTTPS.
-        let proto = match req.headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
-            Some(p) if trusted && p.eq_ignore_ascii_case(b"https") => "https",
-            _ => "http",
-        };
+        let proto = if ctx.https { "https" } else { "http" };
         let fhost = match req.headers.get("x-forwarded-host") {
             Some(h) if trusted && !h.is_empty() => Some(h.clone()),
             _ => req.headers.get(header::HOST).cloned().or_else(|| {
@@ -445,6 +716,9 @@ impl ProxyHttp for ErpGate {
             resp.set_version(http::Version::HTTP_11);
         }
         resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(class) = ctx.class(&ctx.cfg) {
+            add_security_headers(resp, &class.security_headers, ctx.https)?;
+        }
         Ok(())
     }
 

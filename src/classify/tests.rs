@@ -16,6 +16,7 @@ fn facts<'a>(
         path,
         host,
         headers,
+        jsonrpc: None,
     }
 }
 
@@ -26,6 +27,10 @@ fn default_classes() -> Vec<Vec<Alternative>> {
             alt(vec![Cond::PathPrefix("/web/database/".into())]),
             alt(vec![Cond::PathPrefix("/xmlrpc/2/db".into())]),
             alt(vec![Cond::PathPrefix("/xmlrpc/db".into())]),
+            alt(vec![
+                Cond::Path("/jsonrpc".into()),
+                Cond::JsonRpcService("db".into()),
+            ]),
         ],
         vec![
             alt(vec![Cond::PathPrefix("/websocket".into())]),
@@ -203,4 +208,53 @@ fn the_matching_alternative_is_reported_and_printable() {
         classes[2][3].to_string(),
         "header=authorization value_prefix=\"bearer \""
     );
+}
+
+#[test]
+fn jsonrpc_db_calls_need_the_body_and_then_are_admin() {
+    let classes = default_classes();
+    let h = HeaderMap::new();
+    let post = Method::POST;
+    let class = |path: &str, body: Option<&Service>| {
+        let mut f = facts(&post, path, None, &h);
+        f.jsonrpc = body;
+        let needs = needs_body(classes.iter().map(|c| c.as_slice()), &f);
+        let class = classify(classes.iter().map(|c| c.as_slice()), &f);
+        (needs, class)
+    };
+    // Before the body is read: the body decides, and without it the call is no db call.
+    assert_eq!(class("/jsonrpc", None), (true, Some((2, Some(1)))));
+    // Other paths never wait for their body.
+    assert!(!class("/xmlrpc/2/object", None).0);
+    assert!(!class("/web/database/drop", None).0);
+    assert!(!class("/web/login", None).0);
+    let db = Service::Name(b"db".to_vec(), false);
+    let object = Service::Name(b"object".to_vec(), false);
+    assert_eq!(class("/jsonrpc", Some(&db)).1, Some((0, Some(3))));
+    assert_eq!(
+        class("/jsonrpc", Some(&Service::Doubt)).1,
+        Some((0, Some(3)))
+    );
+    assert_eq!(class("/jsonrpc", Some(&object)).1, Some((2, Some(1))));
+    assert_eq!(
+        class("/jsonrpc", Some(&Service::Absent)).1,
+        Some((2, Some(1)))
+    );
+    assert_eq!(
+        classes[0][3].to_string(),
+        "path=/jsonrpc jsonrpc_service=db"
+    );
+    // A head-only alternative of an earlier class wins without the body.
+    let earlier = [
+        vec![alt(vec![Cond::Path("/jsonrpc".into())])],
+        vec![alt(vec![
+            Cond::Path("/jsonrpc".into()),
+            Cond::JsonRpcService("db".into()),
+        ])],
+    ];
+    let f = facts(&post, "/jsonrpc", None, &h);
+    assert!(!needs_body(earlier.iter().map(|c| c.as_slice()), &f));
+    // The body condition is part of coverage: a plain /jsonrpc alternative covers it.
+    assert!(earlier[0][0].covers(&earlier[1][0]));
+    assert!(!earlier[1][0].covers(&earlier[0][0]));
 }

@@ -574,6 +574,11 @@ impl Compiler<'_> {
                 .rate_limit
                 .as_ref()
                 .and_then(|r| self.rate_limit(r, &format!("{path}.rate_limit")));
+            let security_headers = c
+                .security_headers
+                .as_ref()
+                .map(|h| self.security_headers(h.get_ref(), &format!("{path}.security_headers")))
+                .unwrap_or_default();
             let mut alternatives = Vec::new();
             let errors_before = self.errors.len();
             if let Some(m) = c.matches {
@@ -644,10 +649,72 @@ impl Compiler<'_> {
                     in_flight: Default::default(),
                     audit: c.audit.unwrap_or(false),
                     rate_limit,
+                    security_headers,
                 });
             }
         }
         out
+    }
+
+    fn security_headers(
+        &mut self,
+        h: &file::SecurityHeaders,
+        path: &str,
+    ) -> crate::config::SecurityHeaders {
+        let value =
+            |c: &mut Self, v: &Option<Str>, key: &str, check: fn(&str) -> bool, what: &str| {
+                let v = v.as_ref()?;
+                match http::HeaderValue::from_str(v.get_ref().trim()) {
+                    Ok(hv) if check(v.get_ref().trim()) => Some(hv),
+                    _ => {
+                        c.error(
+                            v,
+                            &format!("{path}.{key}"),
+                            format!("`{}` is not {what}", v.get_ref()),
+                        );
+                        None
+                    }
+                }
+            };
+        let hsts = value(
+            self,
+            &h.hsts,
+            "hsts",
+            |v| {
+                v.split(';')
+                    .next()
+                    .and_then(|d| d.trim().strip_prefix("max-age="))
+                    .is_some_and(|n| n.parse::<u64>().is_ok())
+            },
+            "a Strict-Transport-Security value such as \"max-age=31536000; includeSubDomains\"",
+        );
+        let referrer_policy = value(
+            self,
+            &h.referrer_policy,
+            "referrer_policy",
+            |v| {
+                v.split(',').all(|p| {
+                    matches!(
+                        p.trim(),
+                        "no-referrer"
+                            | "no-referrer-when-downgrade"
+                            | "origin"
+                            | "origin-when-cross-origin"
+                            | "same-origin"
+                            | "strict-origin"
+                            | "strict-origin-when-cross-origin"
+                            | "unsafe-url"
+                    )
+                })
+            },
+            "a Referrer-Policy such as \"strict-origin-when-cross-origin\" or \"same-origin\"",
+        );
+        crate::config::SecurityHeaders {
+            hsts,
+            nosniff: h.nosniff.unwrap_or(false),
+            referrer_policy,
+            secure_session_cookie: h.secure_session_cookie.unwrap_or(false),
+        }
     }
 
     fn rate_limit(
@@ -660,12 +727,8 @@ impl Compiler<'_> {
         let spec = match &r.key {
             Some(k) => match KeySpec::parse(k.get_ref()) {
                 Some(spec) => Some(spec),
-                None if k.get_ref() == "integration_client" => {
-                    self.error(k, &format!("{path}.key"), "`integration_client` is not supported by this version yet; use \"client_ip\" or \"header:NAME\"");
-                    None
-                }
                 None => {
-                    self.error(k, &format!("{path}.key"), format!("`{}` is not one of \"client_ip\", \"host\", \"global\", \"header:NAME\"", k.get_ref()));
+                    self.error(k, &format!("{path}.key"), format!("`{}` is not one of \"client_ip\", \"host\", \"global\", \"header:NAME\", \"integration_client\"", k.get_ref()));
                     None
                 }
             },
@@ -803,6 +866,26 @@ impl Compiler<'_> {
                 ok = false;
             }
             (None, None) => {}
+        }
+        if let Some(svc) = &m.jsonrpc_service {
+            let name = svc.get_ref().trim();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                self.error(
+                    svc,
+                    &format!("{path}.jsonrpc_service"),
+                    "must be an Odoo service name such as \"db\", \"common\" or \"object\"",
+                );
+                ok = false;
+            } else if m.path.is_none() && m.path_prefix.is_none() {
+                self.error(
+                    svc,
+                    &format!("{path}.jsonrpc_service"),
+                    "needs `path` (or `path_prefix`) in the same alternative: erpgate reads only the bodies of those paths",
+                );
+                ok = false;
+            } else {
+                conds.push(Cond::JsonRpcService(name.to_string()));
+            }
         }
         if conds.is_empty() && ok {
             self.error_at(

@@ -86,6 +86,16 @@ pub struct Class {
     pub max_in_flight: Option<Spanned<i64>>,
     pub audit: Option<bool>,
     pub rate_limit: Option<Spanned<RateLimit>>,
+    pub security_headers: Option<Spanned<SecurityHeaders>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityHeaders {
+    pub hsts: Option<Str>,
+    pub nosniff: Option<bool>,
+    pub referrer_policy: Option<Str>,
+    pub secure_session_cookie: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +123,7 @@ pub struct Match {
     pub host: Option<Str>,
     pub header: Option<Str>,
     pub value_prefix: Option<Str>,
+    pub jsonrpc_service: Option<Str>,
 }
 
 /// `match = [{ ... }, { ... }]` or a single `match = { ... }`. A single table's span is not

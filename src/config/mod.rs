@@ -158,6 +158,35 @@ pub struct Class {
     /// Every request of this class is written to the audit log.
     pub audit: bool,
     pub rate_limit: Option<std::sync::Arc<crate::policy::ratelimit::Limit>>,
+    pub security_headers: SecurityHeaders,
+}
+
+/// Response headers added to a class's answers (`security_headers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityHeaders {
+    /// `Strict-Transport-Security` value, sent on HTTPS requests only.
+    pub hsts: Option<http::HeaderValue>,
+    /// `X-Content-Type-Options: nosniff`.
+    pub nosniff: bool,
+    /// `Referrer-Policy` value.
+    pub referrer_policy: Option<http::HeaderValue>,
+    /// `Secure; SameSite=Lax` added to Odoo's `session_id` cookie on HTTPS requests.
+    pub secure_session_cookie: bool,
+}
+
+impl SecurityHeaders {
+    pub fn is_empty(&self) -> bool {
+        *self == SecurityHeaders::default()
+    }
+}
+
+impl Class {
+    /// Whether `client` may use this class (its `allow` list, if any).
+    pub fn allows(&self, client: std::net::IpAddr) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&client)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

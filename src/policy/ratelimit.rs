@@ -17,6 +17,9 @@ pub enum KeySpec {
     Host,
     Global,
     Header(HeaderName),
+    /// The API key of `Authorization: Bearer`, else the database and login/uid of the
+    /// XML-RPC or JSON-RPC call in the body, else the client IP.
+    IntegrationClient,
 }
 
 impl KeySpec {
@@ -25,6 +28,7 @@ impl KeySpec {
             "client_ip" => Some(KeySpec::ClientIp),
             "host" => Some(KeySpec::Host),
             "global" => Some(KeySpec::Global),
+            "integration_client" => Some(KeySpec::IntegrationClient),
             _ => {
                 let name = s.strip_prefix("header:")?;
                 HeaderName::from_bytes(name.as_bytes())
@@ -37,14 +41,44 @@ impl KeySpec {
     /// The bucket of a request. A missing host or header is one shared bucket, so leaving
     /// the header out does not escape the limit. Header values (API keys) and hosts are kept
     /// only as a hash, never in clear.
-    pub fn key(&self, client: IpAddr, host: Option<&str>, headers: &HeaderMap) -> Key {
+    ///
+    /// `body` is the caller identity read from the request body ([`KeySpec::reads_body`]).
+    pub fn key(
+        &self,
+        client: IpAddr,
+        host: Option<&str>,
+        headers: &HeaderMap,
+        body: Option<u64>,
+    ) -> Key {
         match self {
             KeySpec::ClientIp => Key::Ip(client),
             KeySpec::Global => Key::Global,
             KeySpec::Host => Key::hashed(host.unwrap_or("").as_bytes()),
             KeySpec::Header(h) => Key::hashed(headers.get(h).map_or(&b""[..], |v| v.as_bytes())),
+            KeySpec::IntegrationClient => match bearer_token(headers) {
+                Some(token) => Key::hashed(token),
+                None => body.map_or(Key::Ip(client), Key::Hashed),
+            },
         }
     }
+
+    /// Whether the key of a request without a bearer token is read from its body.
+    pub fn reads_body(&self, headers: &HeaderMap) -> bool {
+        *self == KeySpec::IntegrationClient && bearer_token(headers).is_none()
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (scheme in any case).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .find_map(|v| {
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+                .then(|| v[7..].trim_ascii())
+                .filter(|t| !t.is_empty())
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -224,14 +258,55 @@ mod tests {
             Some(KeySpec::Header(HeaderName::from_static("x-api-key")))
         );
         assert_eq!(KeySpec::parse("header:bad header"), None);
-        assert_eq!(KeySpec::parse("integration_client"), None);
+        assert_eq!(
+            KeySpec::parse("integration_client"),
+            Some(KeySpec::IntegrationClient)
+        );
         let mut h = HeaderMap::new();
         let spec = KeySpec::parse("header:x-api-key").expect("spec");
-        let missing = spec.key(ip("::1"), None, &h);
+        let missing = spec.key(ip("::1"), None, &h, None);
         h.insert("x-api-key", http::HeaderValue::from_static("k1"));
-        let k1 = spec.key(ip("::1"), None, &h);
+        let k1 = spec.key(ip("::1"), None, &h, None);
         h.insert("x-api-key", http::HeaderValue::from_static("k2"));
-        let k2 = spec.key(ip("::2"), None, &h);
+        let k2 = spec.key(ip("::2"), None, &h, None);
         assert!(missing != k1 && k1 != k2 && matches!(k1, Key::Hashed(_)));
+    }
+
+    #[test]
+    fn integration_client_keys() {
+        let spec = KeySpec::IntegrationClient;
+        let mut h = HeaderMap::new();
+        // No token, no body identity: the client IP.
+        assert_eq!(
+            spec.key(ip("10.0.0.1"), None, &h, None),
+            Key::Ip(ip("10.0.0.1"))
+        );
+        assert!(spec.reads_body(&h));
+        // The body identity (database, user) when there is no token.
+        assert_eq!(
+            spec.key(ip("10.0.0.1"), None, &h, Some(42)),
+            Key::Hashed(42)
+        );
+        // A bearer token wins over the body, whatever the IP; kept as a hash only.
+        h.insert(
+            "authorization",
+            http::HeaderValue::from_static("Bearer key-one"),
+        );
+        assert!(!spec.reads_body(&h));
+        let a = spec.key(ip("10.0.0.1"), None, &h, Some(42));
+        assert_eq!(a, spec.key(ip("10.0.0.2"), None, &h, None));
+        h.insert(
+            "authorization",
+            http::HeaderValue::from_static("bearer key-two"),
+        );
+        let b = spec.key(ip("10.0.0.1"), None, &h, Some(42));
+        assert!(matches!(a, Key::Hashed(_)) && a != b && b != Key::Hashed(42));
+        // Another scheme is no token.
+        h.insert(
+            "authorization",
+            http::HeaderValue::from_static("Basic a2V5"),
+        );
+        assert!(spec.reads_body(&h));
+        assert_eq!(bearer_token(&h), None);
     }
 }

@@ -53,6 +53,16 @@ impl Conn {
         let head = raw.starts_with(b"HEAD ");
         self.try_read_response(head).expect("read response")
     }
+    /// Reads one status line and its headers, an interim (1xx) answer included: its status.
+    pub fn read_status_head(&mut self) -> io::Result<u16> {
+        let status_line = self.line()?;
+        while !self.line()?.is_empty() {}
+        status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, status_line))
+    }
     pub fn read_response(&mut self) -> Response {
         self.try_read_response(false).expect("read response")
     }

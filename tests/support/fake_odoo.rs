@@ -383,6 +383,20 @@ async fn serve(
                 )
                 .await?;
             }
+            "/web/login" => {
+                // Odoo starts a session: its cookie as Odoo 18 sets it, and another one.
+                let cookies = "Set-Cookie: session_id=0123456789abcdef0123456789abcdef01234567; Expires=Wed, 24 Feb 2027 10:00:00 GMT; Max-Age=7776000; HttpOnly; Path=/\r\nSet-Cookie: frontend_lang=en_US; Path=/\r\n";
+                respond_with(
+                    &mut s,
+                    port,
+                    200,
+                    "text/html",
+                    b"<html>login</html>",
+                    close,
+                    cookies,
+                )
+                .await?;
+            }
             "/websocket" if port == Port::Web => {
                 let msg = b"Couldn't bind the websocket. Is the connection opened on the evented port (8072)?";
                 respond(&mut s, port, 500, "text/plain", msg, close).await?;
@@ -430,6 +444,19 @@ async fn respond(
     body: &[u8],
     close: bool,
 ) -> Result<(), BoxError> {
+    respond_with(s, port, code, ctype, body, close, "").await
+}
+
+/// `extra`: more header lines, each ending with CRLF.
+async fn respond_with(
+    s: &mut TcpStream,
+    port: Port,
+    code: u16,
+    ctype: &str,
+    body: &[u8],
+    close: bool,
+    extra: &str,
+) -> Result<(), BoxError> {
     let (version, name) = match port {
         Port::Web => ("HTTP/1.0", "web"),
         Port::Gevent => ("HTTP/1.1", "gevent"),
@@ -445,6 +472,7 @@ async fn respond(
     if close {
         head.push_str("Connection: close\r\n");
     }
+    head.push_str(extra);
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).await?;
     s.write_all(body).await?;

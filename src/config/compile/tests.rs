@@ -188,7 +188,9 @@ fn match_conditions_are_validated() {
 [[class]]
 name = "x"
 pool = "web"
-match = [{{ path = "nope" }}, {{ value_prefix = "a" }}, {{ method = "G ET" }}, {{ host = "a b" }}, {{ header = "bad header" }}, {{}}]
+match = [{{ path = "nope" }}, {{ value_prefix = "a" }}, {{ method = "G ET" }}, {{ host = "a b" }}, {{ header = "bad header" }}, {{}},
+         {{ jsonrpc_service = "db" }}, {{ path = "/jsonrpc", jsonrpc_service = "d b" }}]
+security_headers = {{ hsts = "forever", referrer_policy = "sometimes", nosniff = "yes" }}
 [[class]]
 name = "user"
 pool = "web"
@@ -203,6 +205,11 @@ pool = "web"
         "class[0].match[3].host: `a b` is not a host name",
         "class[0].match[4].header: `bad header` is not a header name",
         "class[0].match[5]: an empty alternative matches every request",
+        "class[0].match[6].jsonrpc_service: needs `path`",
+        "class[0].match[7].jsonrpc_service: must be an Odoo service name",
+        "class[0].security_headers.hsts: `forever` is not a Strict-Transport-Security value",
+        "class[0].security_headers.referrer_policy: `sometimes` is not a Referrer-Policy",
+        "class[0].security_headers.nosniff: ",
     ] {
         assert!(has(&errs, needle), "missing {needle}: {errs:#?}");
     }
@@ -336,4 +343,38 @@ fn rate_limits_are_compiled_and_checked() {
         has(&errs, "class[0].rate_limit.key: missing key"),
         "{errs:#?}"
     );
+}
+
+#[test]
+fn body_conditions_and_security_headers_compile() {
+    let t = MINIMAL.replace(
+        "[[class]]\nname = \"user\"\npool = \"web\"\n",
+        r#"[[class]]
+name = "admin"
+match = [{ path = "/jsonrpc", jsonrpc_service = "db" }]
+pool = "web"
+[[class]]
+name = "user"
+pool = "web"
+rate_limit = { key = "integration_client", rate = "5/s" }
+security_headers = { hsts = "max-age=63072000; includeSubDomains; preload", nosniff = true, referrer_policy = "no-referrer, strict-origin-when-cross-origin", secure_session_cookie = true }
+"#,
+    );
+    let cfg = parse(&t, "t.toml", None).expect("valid");
+    assert_eq!(
+        cfg.classes[0].alternatives[0].to_string(),
+        "path=/jsonrpc jsonrpc_service=db"
+    );
+    let user = &cfg.classes[1];
+    assert_eq!(
+        user.rate_limit.as_ref().map(|l| l.spec.clone()),
+        Some(crate::policy::ratelimit::KeySpec::IntegrationClient)
+    );
+    let h = &user.security_headers;
+    assert!(h.nosniff && h.secure_session_cookie);
+    assert_eq!(
+        h.hsts.as_ref().map(|v| v.to_str().unwrap_or("")),
+        Some("max-age=63072000; includeSubDomains; preload")
+    );
+    assert!(cfg.classes[0].security_headers.is_empty());
 }
