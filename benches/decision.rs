@@ -5,57 +5,13 @@
 //! Also: compiling the default config. Run: `cargo bench --bench decision`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use erpgate::classify::{classify, normalize_path, request_host, RequestFacts};
-use erpgate::forwarded;
 use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
 use std::net::IpAddr;
 
-const DEFAULT_CONFIG: &str = include_str!("../config/erpgate.toml");
-
-fn decide(
-    cfg: &erpgate::config::Config,
-    method: &Method,
-    raw_path: &str,
-    headers: &HeaderMap,
-    peer: IpAddr,
-) -> (Option<(usize, Option<usize>)>, IpAddr) {
-    let path = normalize_path(raw_path);
-    let host = request_host(None, headers.get("host").map(|v| v.as_bytes()));
-    let facts = RequestFacts {
-        method,
-        path: &path,
-        host: host.as_deref(),
-        headers,
-        jsonrpc: None,
-    };
-    let class = classify(
-        cfg.classes.iter().map(|c| c.alternatives.as_slice()),
-        &facts,
-    );
-    let fwd = forwarded::resolve(
-        peer,
-        headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.as_bytes()),
-        &cfg.network.trusted_proxies,
-    );
-    // The class's policy: allowlist, then its rate limit.
-    if let Some((ix, _)) = class {
-        let c = &cfg.classes[ix];
-        let allowed = c
-            .allow
-            .as_ref()
-            .is_none_or(|nets| nets.iter().any(|n| n.contains(&fwd.client)));
-        if allowed {
-            if let Some(limit) = &c.rate_limit {
-                black_box(limit.check(&limit.spec.key(fwd.client, host.as_deref(), headers, None)));
-            }
-        }
-    }
-    (class, fwd.client)
-}
+#[path = "support/decide.rs"]
+mod decide;
+use decide::{decide, DEFAULT_CONFIG};
 
 fn bench(c: &mut Criterion) {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None)
@@ -103,6 +59,28 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    // The body reader of `jsonrpc_service` conditions: a typical call, and a 1 MiB one.
+    let call: &[u8] = br#"{"jsonrpc":"2.0","method":"call","params":{"service":"object","method":"execute_kw","args":["erp",2,"api-key","account.move","search_read",[[["state","=","posted"]]],{"fields":["name","amount_total"],"limit":80}]},"id":7}"#;
+    c.bench_function("jsonrpc: read an execute_kw call (221 B)", |b| {
+        b.iter(|| {
+            let mut s = erpgate::jsonrpc::Scanner::new();
+            s.feed(black_box(call));
+            (s.finish(), s.identity())
+        })
+    });
+    let mut big = br#"{"jsonrpc":"2.0","method":"call","params":{"service":"object","method":"execute_kw","args":["erp",2,"k","ir.attachment","create",[{"name":"inv.pdf","datas":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'A', 1 << 20));
+    big.extend_from_slice(br#""}]]},"id":8}"#);
+    let mut group = c.benchmark_group("jsonrpc");
+    group.throughput(criterion::Throughput::Bytes(big.len() as u64));
+    group.bench_function("read a 1 MiB attachment upload", |b| {
+        b.iter(|| {
+            let mut s = erpgate::jsonrpc::Scanner::new();
+            s.feed(black_box(&big));
+            s.finish()
+        })
+    });
+    group.finish();
     c.bench_function("compile default config", |b| {
         b.iter(|| erpgate::config::parse(black_box(DEFAULT_CONFIG), "erpgate.toml", None))
     });

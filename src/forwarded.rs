@@ -22,9 +22,43 @@ pub struct Forwarded {
     pub client: IpAddr,
     /// Whether the direct peer is a trusted proxy (so its forwarded headers are believed).
     pub peer_trusted: bool,
-    /// The `X-Forwarded-For` value to send upstream: the chain up to and including the
-    /// client (hops a trusted proxy vouched for, never a forged one from an untrusted peer).
-    pub chain: String,
+    /// Which `X-Forwarded-For` hop is the client, counted from the right (None: the client
+    /// is the peer). See [`Forwarded::chain`].
+    client_hop: Option<usize>,
+}
+
+/// The hops of every `X-Forwarded-For` value, in order.
+fn hops<'a, I>(values: I) -> impl DoubleEndedIterator<Item = &'a str>
+where
+    I: DoubleEndedIterator<Item = &'a [u8]>,
+{
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()))
+}
+
+impl Forwarded {
+    /// The `X-Forwarded-For` value to send upstream, from the same header values given to
+    /// [`resolve`]: the chain up to and including the client (hops a trusted proxy vouched
+    /// for, never a forged one from an untrusted peer). Built only when the request is sent
+    /// on, so deciding about a request allocates nothing.
+    pub fn chain<'a, I>(&self, xff_values: I) -> String
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: DoubleEndedIterator,
+    {
+        let mut s = String::new();
+        if let (true, Some(from_right)) = (self.peer_trusted, self.client_hop) {
+            let all: Vec<&str> = hops(xff_values.into_iter()).collect();
+            let before = all.len().saturating_sub(from_right + 1);
+            for hop in &all[..before] {
+                s.push_str(hop);
+                s.push_str(", ");
+            }
+        }
+        s.push_str(&self.client.to_string());
+        s
+    }
 }
 
 /// Reads `X-Forwarded-For` (every value of the header, in order) against the trusted list.
@@ -34,29 +68,23 @@ pub struct Forwarded {
 pub fn resolve<'a, I>(peer: IpAddr, xff_values: I, trusted_proxies: &[IpNet]) -> Forwarded
 where
     I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: DoubleEndedIterator,
 {
     let peer = canonical(peer);
     if !trusted(trusted_proxies, peer) {
         return Forwarded {
             client: peer,
             peer_trusted: false,
-            chain: peer.to_string(),
+            client_hop: None,
         };
-    }
-    let mut hops: Vec<&str> = Vec::new();
-    for v in xff_values {
-        let Ok(v) = std::str::from_utf8(v) else {
-            continue;
-        };
-        hops.extend(v.split(',').map(str::trim).filter(|s| !s.is_empty()));
     }
     let mut client = peer;
-    let mut client_ix = None;
-    for (i, hop) in hops.iter().enumerate().rev() {
+    let mut client_hop = None;
+    for (j, hop) in hops(xff_values.into_iter()).rev().enumerate() {
         match parse_hop(hop) {
             Some(ip) => {
                 client = ip;
-                client_ix = Some(i);
+                client_hop = Some(j);
                 if !trusted(trusted_proxies, ip) {
                     break;
                 }
@@ -64,21 +92,10 @@ where
             None => break,
         }
     }
-    let chain = match client_ix {
-        Some(i) => {
-            let mut s = hops[..i].join(", ");
-            if !s.is_empty() {
-                s.push_str(", ");
-            }
-            s.push_str(&client.to_string());
-            s
-        }
-        None => peer.to_string(),
-    };
     Forwarded {
         client,
         peer_trusted: true,
-        chain,
+        client_hop,
     }
 }
 
@@ -126,26 +143,29 @@ mod tests {
 
     #[test]
     fn untrusted_peer_ignores_forged_chain() {
-        let f = resolve(
-            ip("203.0.113.9"),
-            [b"1.2.3.4".as_slice()],
-            &nets(&["127.0.0.1/32"]),
-        );
+        let xff = [b"1.2.3.4".as_slice()];
+        let f = resolve(ip("203.0.113.9"), xff, &nets(&["127.0.0.1/32"]));
         assert_eq!(f.client, ip("203.0.113.9"));
         assert!(!f.peer_trusted);
-        assert_eq!(f.chain, "203.0.113.9");
+        assert_eq!(f.chain(xff), "203.0.113.9");
     }
 
     #[test]
     fn trusted_peer_gives_rightmost_untrusted_hop() {
         let t = nets(&["10.0.0.0/8"]);
-        let f = resolve(
-            ip("10.0.0.9"),
-            [b"6.6.6.6, 1.2.3.4".as_slice(), b"10.0.0.5".as_slice()],
-            &t,
-        );
+        let xff = [b"6.6.6.6, 1.2.3.4".as_slice(), b"10.0.0.5".as_slice()];
+        let f = resolve(ip("10.0.0.9"), xff, &t);
         assert_eq!(f.client, ip("1.2.3.4"));
-        assert_eq!(f.chain, "6.6.6.6, 1.2.3.4");
+        assert_eq!(f.chain(xff), "6.6.6.6, 1.2.3.4");
+        // Every hop trusted: the leftmost is the client.
+        let xff = [b"10.0.0.1,10.0.0.2".as_slice()];
+        let f = resolve(ip("10.0.0.9"), xff, &t);
+        assert_eq!(f.client, ip("10.0.0.1"));
+        assert_eq!(f.chain(xff), "10.0.0.1");
+        // Hops with ports: the client as an address.
+        let xff = [b" 7.7.7.7 , 1.2.3.4:5555 ".as_slice()];
+        let f = resolve(ip("10.0.0.9"), xff, &t);
+        assert_eq!(f.chain(xff), "7.7.7.7, 1.2.3.4");
         assert!(f.peer_trusted);
     }
 
@@ -153,18 +173,15 @@ mod tests {
     fn trusted_peer_without_header_is_the_client() {
         let f = resolve(ip("10.0.0.9"), std::iter::empty(), &nets(&["10.0.0.0/8"]));
         assert_eq!(f.client, ip("10.0.0.9"));
-        assert_eq!(f.chain, "10.0.0.9");
+        assert_eq!(f.chain(std::iter::empty()), "10.0.0.9");
     }
 
     #[test]
     fn garbage_hop_stops_the_walk() {
-        let f = resolve(
-            ip("10.0.0.9"),
-            [b"1.2.3.4, nonsense, 10.1.1.1".as_slice()],
-            &nets(&["10.0.0.0/8"]),
-        );
+        let xff = [b"1.2.3.4, nonsense, 10.1.1.1".as_slice()];
+        let f = resolve(ip("10.0.0.9"), xff, &nets(&["10.0.0.0/8"]));
         assert_eq!(f.client, ip("10.1.1.1"));
-        assert_eq!(f.chain, "1.2.3.4, nonsense, 10.1.1.1");
+        assert_eq!(f.chain(xff), "1.2.3.4, nonsense, 10.1.1.1");
     }
 
     #[test]

@@ -686,7 +686,13 @@ impl ProxyHttp for ErpGate {
                 up.remove_header(h);
             }
         }
-        up.insert_header("x-forwarded-for", fwd.chain.as_str())?;
+        let chain = fwd.chain(
+            req.headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        up.insert_header("x-forwarded-for", chain)?;
         up.insert_header("x-real-ip", fwd.client.to_string())?;
         up.insert_header("x-forwarded-proto", proto)?;
         match fhost {

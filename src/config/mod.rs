@@ -81,6 +81,34 @@ pub struct Config {
     pub audit_path: Option<std::path::PathBuf>,
 }
 
+impl Config {
+    /// Takes over the live state of the config this one replaces (DESIGN convention 6), by
+    /// stable names: a class's rate-limit buckets when its limit is unchanged (a changed
+    /// limit starts with full buckets), its in-flight count (the requests still running
+    /// count against the new cap), a pool's round-robin position.
+    pub fn adopt_state(&mut self, old: &Config) {
+        for class in &mut self.classes {
+            let Some(prev) = old.classes.iter().find(|c| c.name == class.name) else {
+                continue;
+            };
+            class.in_flight = prev.in_flight.clone();
+            if let (Some(new), Some(was)) = (&class.rate_limit, &prev.rate_limit) {
+                if new.same_limit(was) {
+                    class.rate_limit = Some(was.clone());
+                }
+            }
+        }
+        for pool in &mut self.pools {
+            if let Some(prev) = old.pools.iter().find(|p| p.name == pool.name) {
+                pool.next.store(
+                    prev.next.load(std::sync::atomic::Ordering::Relaxed),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub http: Vec<SocketAddr>,

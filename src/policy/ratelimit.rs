@@ -142,6 +142,16 @@ impl Limit<DefaultClock> {
     }
 }
 
+impl<C: Clock> Limit<C> {
+    /// Same key, rate and burst: the buckets of one can serve the other.
+    pub fn same_limit<D: Clock>(&self, other: &Limit<D>) -> bool {
+        self.spec == other.spec
+            && self.rate == other.rate
+            && self.period == other.period
+            && self.burst == other.burst
+    }
+}
+
 impl<C: Clock + Clone> Limit<C> {
     /// `rate` requests per `period` on average, bursts of up to `burst`.
     pub fn with_clock(

@@ -378,3 +378,48 @@ security_headers = { hsts = "max-age=63072000; includeSubDomains; preload", nosn
     );
     assert!(cfg.classes[0].security_headers.is_empty());
 }
+
+#[test]
+fn live_state_carries_over_to_a_new_config_by_name() {
+    use crate::policy::ratelimit::{Key, Verdict};
+    use std::sync::atomic::Ordering;
+    let limited = |rate: &str| {
+        MINIMAL.replace(
+            "[[class]]\nname = \"user\"\npool = \"web\"\n",
+            &format!(
+                "[[class]]\nname = \"user\"\npool = \"web\"\nrate_limit = {{ key = \"client_ip\", rate = \"{rate}\", burst = 2 }}\n"
+            ),
+        )
+    };
+    let old = parse(&limited("10/min"), "t.toml", None).expect("valid");
+    let client = Key::Ip("192.0.2.7".parse().expect("ip"));
+    let limit = old.classes[0].rate_limit.clone().expect("limit");
+    assert_eq!(limit.check(&client), Verdict::Allowed);
+    assert_eq!(limit.check(&client), Verdict::Allowed);
+    assert!(matches!(limit.check(&client), Verdict::Limited { .. }));
+    old.classes[0].in_flight.store(3, Ordering::SeqCst);
+    old.pools[0].next.store(41, Ordering::SeqCst);
+
+    // Same limit: the same buckets, still empty for this client.
+    let mut same = parse(&limited("10/min"), "t.toml", None).expect("valid");
+    same.adopt_state(&old);
+    let l = same.classes[0].rate_limit.as_ref().expect("limit");
+    assert!(matches!(l.check(&client), Verdict::Limited { .. }));
+    assert_eq!(same.classes[0].in_flight.load(Ordering::SeqCst), 3);
+    assert_eq!(same.pools[0].next.load(Ordering::SeqCst), 41);
+
+    // A changed limit starts afresh.
+    let mut changed = parse(&limited("20/min"), "t.toml", None).expect("valid");
+    changed.adopt_state(&old);
+    let l = changed.classes[0].rate_limit.as_ref().expect("limit");
+    assert_eq!(l.check(&client), Verdict::Allowed);
+    // A renamed class has nothing to take over.
+    let mut renamed = parse(
+        &limited("10/min").replace("name = \"user\"", "name = \"users\""),
+        "t.toml",
+        None,
+    )
+    .expect("valid");
+    renamed.adopt_state(&old);
+    assert_eq!(renamed.classes[0].in_flight.load(Ordering::SeqCst), 0);
+}

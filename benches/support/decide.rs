@@ -1,0 +1,52 @@
+//! The per-request decision without a server, shared by `benches/decision.rs` and
+//! `tests/alloc.rs`: path normalization, host extraction, classification, the
+//! forwarded-header resolution, the allowlist and the rate-limit check, as erpgate's
+//! `request_filter` runs them for a request whose class does not depend on its body.
+
+use erpgate::classify::{classify, normalize_path, request_host, RequestFacts};
+use erpgate::forwarded;
+use http::{HeaderMap, Method};
+use std::hint::black_box;
+use std::net::IpAddr;
+
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/erpgate.toml");
+
+pub fn decide(
+    cfg: &erpgate::config::Config,
+    method: &Method,
+    raw_path: &str,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> (Option<(usize, Option<usize>)>, IpAddr) {
+    let path = normalize_path(raw_path);
+    let host = request_host(None, headers.get("host").map(|v| v.as_bytes()));
+    let facts = RequestFacts {
+        method,
+        path: &path,
+        host: host.as_deref(),
+        headers,
+        jsonrpc: None,
+    };
+    let class = classify(
+        cfg.classes.iter().map(|c| c.alternatives.as_slice()),
+        &facts,
+    );
+    let fwd = forwarded::resolve(
+        peer,
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        &cfg.network.trusted_proxies,
+    );
+    // The class's policy: allowlist, then its rate limit.
+    if let Some((ix, _)) = class {
+        let c = &cfg.classes[ix];
+        if c.allows(fwd.client) {
+            if let Some(limit) = &c.rate_limit {
+                black_box(limit.check(&limit.spec.key(fwd.client, host.as_deref(), headers, None)));
+            }
+        }
+    }
+    (class, fwd.client)
+}
