@@ -5,25 +5,18 @@
 //! Also: compiling the default config. Run: `cargo bench --bench decision`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, Method};
+use http::Method;
 use std::hint::black_box;
 use std::net::IpAddr;
 
 #[path = "support/decide.rs"]
 mod decide;
-use decide::{decide, DEFAULT_CONFIG};
+use decide::{browser_headers, decide, DEFAULT_CONFIG};
 
 fn bench(c: &mut Criterion) {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None)
         .expect("default config compiles");
-    let mut headers = HeaderMap::new();
-    headers.insert("host", HeaderValue::from_static("erp.example.com"));
-    headers.insert("user-agent", HeaderValue::from_static("Mozilla/5.0"));
-    headers.insert("accept", HeaderValue::from_static("*/*"));
-    headers.insert(
-        "cookie",
-        HeaderValue::from_static("session_id=abcdef0123456789"),
-    );
+    let headers = browser_headers();
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
 
     c.bench_function("decide: user GET /odoo/action-1", |b| {

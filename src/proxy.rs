@@ -342,65 +342,62 @@ fn body_identity(prefix: &[u8], scanner: Option<&Scanner>) -> Option<u64> {
     }
 }
 
-impl ErpGate {
-    /// Reads a JSON-RPC body's rest (see [`Tail`]) and holds its last piece until the whole
-    /// body is known. Then: if it calls a service of another class, that class's allowlist
-    /// decides, and a refused request is cut (403) before Odoo has the whole body.
-    fn check_tail(
-        &self,
-        session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        let Some(tail) = ctx.tail.as_mut() else {
-            return Ok(());
-        };
-        if let Some(b) = body.as_ref() {
-            let start = tail.seen;
-            tail.seen += b.len() as u64;
-            let fed = tail.scanner.fed();
-            if tail.seen > fed {
-                let from = usize::try_from(fed.saturating_sub(start)).unwrap_or(usize::MAX);
-                tail.scanner.feed(b.get(from..).unwrap_or_default());
-            }
+/// Reads a JSON-RPC body's rest (see [`Tail`]) and holds its last piece until the whole
+/// body is known. Then: if it calls a service of another class, that class's allowlist
+/// decides, and a refused request is cut (403) before Odoo has the whole body.
+fn check_tail(
+    req: &RequestHeader,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    let Some(tail) = ctx.tail.as_mut() else {
+        return Ok(());
+    };
+    if let Some(b) = body.as_ref() {
+        let start = tail.seen;
+        tail.seen += b.len() as u64;
+        let fed = tail.scanner.fed();
+        if tail.seen > fed {
+            let from = usize::try_from(fed.saturating_sub(start)).unwrap_or(usize::MAX);
+            tail.scanner.feed(b.get(from..).unwrap_or_default());
         }
-        if !end_of_stream {
-            // Send the piece held back, hold this one.
-            let this = body.take();
-            *body = Some(tail.held.take().unwrap_or_default());
-            tail.held = this;
-            return Ok(());
-        }
-        let verdict = jsonrpc_verdict(session.req_header(), &tail.scanner, true);
-        let held = tail.held.take();
-        ctx.tail = None;
-        let cfg = ctx.cfg.clone();
-        let (class, _) = classify_request(&cfg, session.req_header(), Some(&verdict));
-        if class.map(|(c, _)| c) != ctx.class {
-            ctx.class = class.map(|(c, _)| c);
-            ctx.rule = class.and_then(|(_, r)| r);
-            let allowed = ctx
-                .class(&cfg)
-                .zip(ctx.client())
-                .is_some_and(|(c, ip)| c.allows(ip));
-            if !allowed {
-                ctx.decision = "denied_ip";
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(403),
-                    "the complete JSON-RPC body calls a service this client may not use",
-                );
-            }
-        }
-        if let Some(held) = held {
-            let mut all = BytesMut::from(held.as_ref());
-            if let Some(b) = body.as_ref() {
-                all.extend_from_slice(b);
-            }
-            *body = Some(all.freeze());
-        }
-        Ok(())
     }
+    if !end_of_stream {
+        // Send the piece held back, hold this one.
+        let this = body.take();
+        *body = Some(tail.held.take().unwrap_or_default());
+        tail.held = this;
+        return Ok(());
+    }
+    let verdict = jsonrpc_verdict(req, &tail.scanner, true);
+    let held = tail.held.take();
+    ctx.tail = None;
+    let cfg = ctx.cfg.clone();
+    let (class, _) = classify_request(&cfg, req, Some(&verdict));
+    if class.map(|(c, _)| c) != ctx.class {
+        ctx.class = class.map(|(c, _)| c);
+        ctx.rule = class.and_then(|(_, r)| r);
+        let allowed = ctx
+            .class(&cfg)
+            .zip(ctx.client())
+            .is_some_and(|(c, ip)| c.allows(ip));
+        if !allowed {
+            ctx.decision = "denied_ip";
+            return Error::e_explain(
+                ErrorType::HTTPStatus(403),
+                "the complete JSON-RPC body calls a service this client may not use",
+            );
+        }
+    }
+    if let Some(held) = held {
+        let mut all = BytesMut::from(held.as_ref());
+        if let Some(b) = body.as_ref() {
+            all.extend_from_slice(b);
+        }
+        *body = Some(all.freeze());
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -579,7 +576,7 @@ impl ProxyHttp for ErpGate {
             }
         }
         if ctx.tail.is_some() {
-            self.check_tail(session, body, end_of_stream, ctx)?;
+            check_tail(session.req_header(), body, end_of_stream, ctx)?;
         }
         Ok(())
     }

@@ -4,8 +4,8 @@
 #[path = "../benches/support/decide.rs"]
 mod decide;
 
-use decide::{decide, DEFAULT_CONFIG};
-use http::{HeaderMap, HeaderValue, Method};
+use decide::{browser_headers, decide, DEFAULT_CONFIG};
+use http::{HeaderValue, Method};
 use std::net::IpAddr;
 
 #[global_allocator]
@@ -15,13 +15,7 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 fn deciding_a_plain_get_allocates_nothing() {
     let _profiler = dhat::Profiler::builder().testing().build();
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None).expect("compiles");
-    let mut headers = HeaderMap::new();
-    headers.insert("host", HeaderValue::from_static("erp.example.com"));
-    headers.insert("user-agent", HeaderValue::from_static("Mozilla/5.0"));
-    headers.insert(
-        "cookie",
-        HeaderValue::from_static("session_id=abcdef0123456789"),
-    );
+    let headers = browser_headers();
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
     // The first request of a client creates its rate-limit bucket: that allocates.
     let first = decide(&cfg, &Method::GET, "/odoo/action-1", &headers, peer);

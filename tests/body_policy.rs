@@ -93,26 +93,6 @@ fn padded(before: usize, service: &str) -> Vec<u8> {
     body
 }
 
-fn audit_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} audit lines, wanted {n}:\n{text}",
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn jsonrpc_db_calls_from_outside_are_refused_in_every_form() {
     let fake = FakeOdoo::start();

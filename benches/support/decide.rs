@@ -5,7 +5,7 @@
 
 use erpgate::classify::{classify, normalize_path, request_host, RequestFacts};
 use erpgate::forwarded;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
 use std::net::IpAddr;
 
@@ -49,4 +49,17 @@ pub fn decide(
         }
     }
     (class, fwd.client)
+}
+
+/// The headers of a browser's request to Odoo.
+pub fn browser_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("erp.example.com"));
+    headers.insert("user-agent", HeaderValue::from_static("Mozilla/5.0"));
+    headers.insert("accept", HeaderValue::from_static("*/*"));
+    headers.insert(
+        "cookie",
+        HeaderValue::from_static("session_id=abcdef0123456789"),
+    );
+    headers
 }

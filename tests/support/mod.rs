@@ -12,6 +12,7 @@ pub use client::*;
 pub use fake_odoo::*;
 
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
 /// A port nothing listens on right now (bound to 127.0.0.1:0 and released).
 pub fn free_port() -> u16 {
@@ -34,4 +35,25 @@ pub fn headers_all<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a s
         .filter(|(k, _)| *k == name)
         .map(|(_, v)| v.as_str())
         .collect()
+}
+
+/// The audit log's lines once there are at least `n` (waits up to 10 s), each parsed.
+pub fn audit_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} audit lines, wanted {n}:\n{text}",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
