@@ -32,6 +32,7 @@ impl ErpGate {
     pub fn new(store: Arc<ArcSwap<Config>>) -> Self {
         let audit = store.load().audit_path.clone().map(AuditLog::open);
         spawn_pruner(store.clone());
+        crate::health::spawn(store.clone());
         ErpGate { store, audit }
     }
 }
@@ -75,6 +76,22 @@ impl Drop for InFlight {
     }
 }
 
+/// One open request or socket to a server, for least-connection balancing.
+struct OpenConn(Arc<crate::upstream::ServerState>);
+
+impl OpenConn {
+    fn new(state: &Arc<crate::upstream::ServerState>) -> OpenConn {
+        state.opened();
+        OpenConn(state.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
 /// Per-request state.
 pub struct Ctx {
     cfg: Arc<Config>,
@@ -92,6 +109,8 @@ pub struct Ctx {
     server: Option<usize>,
     /// Servers already tried (indexes in the pool), for failover on connect errors.
     tried: Vec<usize>,
+    /// Counts this request among the current server's open connections.
+    open_on: Option<OpenConn>,
     body_bytes: u64,
     /// Status erpgate answered itself, when it did.
     own_status: Option<u16>,
@@ -417,6 +436,7 @@ impl ProxyHttp for ErpGate {
             request_id: String::new(),
             server: None,
             tried: Vec::new(),
+            open_on: None,
             body_bytes: 0,
             own_status: None,
             tail: None,
@@ -587,19 +607,34 @@ impl ProxyHttp for ErpGate {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
         };
         let pool = &cfg.pools[class.pool];
-        let n = pool.servers.len();
-        let start = pool.next.fetch_add(1, Ordering::Relaxed);
-        let Some(ix) = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|i| !ctx.tried.contains(i))
-        else {
+        let candidates: Vec<crate::upstream::Candidate<'_>> = pool
+            .servers
+            .iter()
+            .map(|s| crate::upstream::Candidate {
+                zone: &s.zone,
+                healthy: s.state.is_healthy(),
+                drain: s.drain,
+                open: s.state.open(),
+            })
+            .collect();
+        let cursor = pool.next.fetch_add(1, Ordering::Relaxed);
+        let Some(ix) = crate::upstream::select(
+            &candidates,
+            &cfg.network.zone,
+            &pool.failover_zones,
+            pool.balance,
+            cursor,
+            &ctx.tried,
+        ) else {
+            ctx.open_on = None;
             return Error::e_explain(
-                ErrorType::HTTPStatus(502),
-                "every server of the pool failed",
+                ErrorType::HTTPStatus(503),
+                "no healthy Odoo server in the pool",
             );
         };
         ctx.tried.push(ix);
         ctx.server = Some(ix);
+        ctx.open_on = Some(OpenConn::new(&pool.servers[ix].state));
         let server = &pool.servers[ix];
         let addr = match server.socket {
             Some(a) => a,
@@ -643,6 +678,20 @@ impl ProxyHttp for ErpGate {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // Passive check: the server is down until its probes say otherwise.
+        ctx.open_on = None;
+        if let (Some(class), Some(ix)) = (ctx.class(&ctx.cfg), ctx.server) {
+            let pool = &ctx.cfg.pools[class.pool];
+            if let Some(server) = pool.servers.get(ix) {
+                if server.state.connect_failed() {
+                    tracing::warn!(
+                        pool = %pool.name,
+                        server = %server.address,
+                        "Odoo server marked down: {e}"
+                    );
+                }
+            }
+        }
         // Nothing of the request was sent: another server may take it, whatever the method.
         let pool_size = ctx
             .class(&ctx.cfg)
@@ -734,6 +783,9 @@ impl ProxyHttp for ErpGate {
                 resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
                 resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
                 resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+                if code == 503 {
+                    resp.insert_header(header::RETRY_AFTER, "1")?;
+                }
                 if ctx.request_id.is_empty() {
                     ctx.request_id = forwarded::new_request_id();
                 }

@@ -5,6 +5,7 @@ use super::locate::{line_col, path_at, remove_at};
 use super::*;
 use crate::classify::{Alternative, Cond, HostPattern};
 use crate::policy::ratelimit::{parse_rate, KeySpec, Limit};
+use crate::upstream::{Balance, HealthCheck};
 use http::{HeaderName, Method};
 use std::collections::HashMap;
 use toml::de::DeTable;
@@ -412,6 +413,8 @@ impl Compiler<'_> {
                                 address: u.0,
                                 socket: u.1,
                                 zone,
+                                drain: s.drain.unwrap_or(false),
+                                state: Default::default(),
                             });
                         }
                     }
@@ -427,10 +430,49 @@ impl Compiler<'_> {
                     "missing key: a pool needs at least one server",
                 ),
             }
+            let balance = match pool.balance.as_ref().map(|b| (b, b.get_ref().as_str())) {
+                None | Some((_, "round_robin")) => Balance::RoundRobin,
+                Some((_, "least_conn")) => Balance::LeastConn,
+                Some((b, other)) => {
+                    self.error(
+                        b,
+                        &format!("{path}.balance"),
+                        format!("`{other}` is not one of \"round_robin\", \"least_conn\""),
+                    );
+                    Balance::RoundRobin
+                }
+            };
+            let failover_zones = pool
+                .failover_zones
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(i, z)| self.name(z, &format!("{path}.failover_zones[{i}]")))
+                .collect();
+            let health = match &pool.health_check {
+                Some(h) => self.health_check(h.get_ref(), &format!("{path}.health_check")),
+                None => HealthCheck::default(),
+            };
+            let host =
+                pool.host
+                    .as_ref()
+                    .and_then(|h| match http::HeaderValue::from_str(h.get_ref()) {
+                        Ok(_) if !h.get_ref().trim().is_empty() => {
+                            Some(h.get_ref().trim().to_string())
+                        }
+                        _ => {
+                            self.error(h, &format!("{path}.host"), "not a valid Host header value");
+                            None
+                        }
+                    });
             out.push(Pool {
                 name: pname,
                 servers,
                 next: AtomicUsize::new(0),
+                balance,
+                failover_zones,
+                health,
+                host,
             });
         }
         if out.is_empty() {
@@ -654,6 +696,62 @@ impl Compiler<'_> {
             }
         }
         out
+    }
+
+    fn health_check(&mut self, h: &file::HealthCheck, path: &str) -> HealthCheck {
+        let d = HealthCheck::default();
+        let count = |c: &mut Self, v: &Option<Spanned<i64>>, key: &str, default: u32| match v {
+            Some(n) if (1..=100).contains(n.get_ref()) => *n.get_ref() as u32,
+            Some(n) => {
+                c.error(n, &format!("{path}.{key}"), "must be between 1 and 100");
+                default
+            }
+            None => default,
+        };
+        let check_path = match (&h.path, h.tcp) {
+            (Some(p), Some(true)) => {
+                self.error(
+                    p,
+                    &format!("{path}.path"),
+                    "`path` and `tcp = true` exclude each other",
+                );
+                None
+            }
+            (_, Some(true)) => None,
+            (Some(p), _) if p.get_ref().starts_with('/') => Some(p.get_ref().clone()),
+            (Some(p), _) => {
+                self.error(p, &format!("{path}.path"), "must start with '/'");
+                d.path.clone()
+            }
+            (None, _) => d.path.clone(),
+        };
+        let status = match &h.status {
+            Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref() as u16,
+            Some(s) => {
+                self.error(
+                    s,
+                    &format!("{path}.status"),
+                    "must be an HTTP status (100-599)",
+                );
+                d.status
+            }
+            None => d.status,
+        };
+        let interval = self.duration_or(&h.interval, &format!("{path}.interval"), d.interval);
+        let timeout = self.duration_or(&h.timeout, &format!("{path}.timeout"), d.timeout);
+        HealthCheck {
+            path: check_path,
+            status,
+            interval,
+            timeout,
+            healthy_after: count(self, &h.healthy_after, "healthy_after", d.healthy_after),
+            unhealthy_after: count(
+                self,
+                &h.unhealthy_after,
+                "unhealthy_after",
+                d.unhealthy_after,
+            ),
+        }
     }
 
     fn security_headers(

@@ -64,6 +64,22 @@ pub struct Audit {
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub servers: Option<Spanned<Vec<Spanned<ServerEntry>>>>,
+    pub health_check: Option<Spanned<HealthCheck>>,
+    pub balance: Option<Str>,
+    pub failover_zones: Option<Vec<Str>>,
+    pub host: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: Option<Str>,
+    pub tcp: Option<bool>,
+    pub status: Option<Spanned<i64>>,
+    pub interval: Option<Str>,
+    pub timeout: Option<Str>,
+    pub healthy_after: Option<Spanned<i64>>,
+    pub unhealthy_after: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +87,7 @@ pub struct Pool {
 pub struct ServerEntry {
     pub address: Option<Str>,
     pub zone: Option<Str>,
+    pub drain: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

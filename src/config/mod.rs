@@ -104,6 +104,15 @@ impl Config {
                     prev.next.load(std::sync::atomic::Ordering::Relaxed),
                     std::sync::atomic::Ordering::Relaxed,
                 );
+                for server in &mut pool.servers {
+                    if let Some(was) = prev
+                        .servers
+                        .iter()
+                        .find(|s| s.address == server.address && s.zone == server.zone)
+                    {
+                        server.state = was.state.clone();
+                    }
+                }
             }
         }
     }
@@ -157,15 +166,26 @@ pub struct Pool {
     pub servers: Vec<Upstream>,
     /// Round-robin cursor.
     pub next: AtomicUsize,
+    pub balance: crate::upstream::Balance,
+    /// Zones to fail over to, in order, when this proxy's zone has no healthy server
+    /// (empty: any other zone).
+    pub failover_zones: Vec<String>,
+    pub health: crate::upstream::HealthCheck,
+    /// `Host` sent with health checks (default: the server's address).
+    pub host: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// `host:port` as written in the file.
     pub address: String,
     /// Set when the host is an IP literal; host names are resolved when used.
     pub socket: Option<SocketAddr>,
     pub zone: String,
+    /// No new requests or sockets; those in flight finish.
+    pub drain: bool,
+    /// Health and open connections, shared with the health checker; carried over a reload.
+    pub state: std::sync::Arc<crate::upstream::ServerState>,
 }
 
 #[derive(Debug)]

@@ -34,6 +34,10 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// A probe of erpgate's health checker (by its User-Agent).
+    pub fn is_health_probe(&self) -> bool {
+        self.header("user-agent") == Some("erpgate-health-check")
+    }
     pub fn header(&self, name: &str) -> Option<&str> {
         super::headers_all(&self.headers, name).into_iter().next()
     }
@@ -125,8 +129,23 @@ impl FakeOdoo {
     pub fn gevent_addr(&self) -> SocketAddr {
         self.gevent
     }
+    /// The requests that reached this Odoo, erpgate's health probes left out.
     pub fn requests(&self) -> Vec<Recorded> {
+        self.all_requests()
+            .into_iter()
+            .filter(|r| !r.is_health_probe())
+            .collect()
+    }
+    /// Every request, health probes included.
+    pub fn all_requests(&self) -> Vec<Recorded> {
         self.shared.requests.lock().expect("lock").clone()
+    }
+    /// How many health probes reached this Odoo.
+    pub fn health_probes(&self) -> usize {
+        self.all_requests()
+            .iter()
+            .filter(|r| r.is_health_probe())
+            .count()
     }
     pub fn clear(&self) {
         self.shared.requests.lock().expect("lock").clear();

@@ -423,3 +423,50 @@ fn live_state_carries_over_to_a_new_config_by_name() {
     renamed.adopt_state(&old);
     assert_eq!(renamed.classes[0].in_flight.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn pool_balancing_and_health_checks() {
+    use crate::upstream::Balance;
+    let good = MINIMAL.replace(
+        "servers = [{ address = \"127.0.0.1:8069\" }]",
+        r#"servers = [{ address = "127.0.0.1:8069", zone = "b", drain = true }]
+balance = "least_conn"
+failover_zones = ["b", "c"]
+host = "erp.internal"
+health_check = { tcp = true, interval = "1s", timeout = "300ms", healthy_after = 1, unhealthy_after = 5 }"#,
+    );
+    let cfg = parse(&good, "t.toml", None).expect("valid");
+    let p = &cfg.pools[0];
+    assert_eq!(p.balance, Balance::LeastConn);
+    assert_eq!(p.failover_zones, vec!["b".to_string(), "c".to_string()]);
+    assert_eq!(p.host.as_deref(), Some("erp.internal"));
+    assert_eq!(p.health.path, None);
+    assert_eq!(p.health.interval, std::time::Duration::from_secs(1));
+    assert_eq!((p.health.healthy_after, p.health.unhealthy_after), (1, 5));
+    assert!(p.servers[0].drain);
+    // Defaults fit Odoo's HTTP workers.
+    let d = &parse(MINIMAL, "t.toml", None).expect("valid").pools[0];
+    assert_eq!(d.balance, Balance::RoundRobin);
+    assert_eq!(d.health.path.as_deref(), Some("/web/health"));
+    assert_eq!(d.health.status, 200);
+
+    let bad = MINIMAL.replace(
+        "servers = [{ address = \"127.0.0.1:8069\" }]",
+        r#"servers = [{ address = "127.0.0.1:8069", drain = "yes" }]
+balance = "random"
+failover_zones = ["b c"]
+health_check = { path = "/web/health", tcp = true, status = 999, healthy_after = 0, interval = "soon" }"#,
+    );
+    let errs = errors(&bad);
+    for needle in [
+        "pools.web.servers[0].drain: ",
+        "pools.web.balance: `random` is not one of",
+        "pools.web.failover_zones[0]: ",
+        "pools.web.health_check.path: `path` and `tcp = true` exclude each other",
+        "pools.web.health_check.status: must be an HTTP status",
+        "pools.web.health_check.healthy_after: must be between 1 and 100",
+        "pools.web.health_check.interval: ",
+    ] {
+        assert!(has(&errs, needle), "missing {needle}: {errs:#?}");
+    }
+}
