@@ -340,9 +340,7 @@ impl Scanner {
     fn push_char(&mut self, cp: u32) {
         let c = char::from_u32(cp).unwrap_or(char::REPLACEMENT_CHARACTER);
         let mut tmp = [0u8; 4];
-        let s = c.encode_utf8(&mut tmp);
-        let bytes = s.as_bytes().to_vec();
-        self.push_captured(&bytes);
+        self.push_captured(c.encode_utf8(&mut tmp).as_bytes());
     }
 
     /// A value (scalar or container) ended.

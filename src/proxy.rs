@@ -6,7 +6,7 @@ use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
 use crate::jsonrpc::{Scanner, Service};
-use crate::policy::ratelimit::Verdict;
+use crate::policy::ratelimit::{KeySpec, Verdict};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -174,14 +174,14 @@ async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -
     respond_with(session, ctx, code, close, &[]).await
 }
 
-async fn respond_with(
-    session: &mut Session,
-    ctx: &mut Ctx,
+/// The head of a plain-text answer of erpgate's own (`body_len` bytes), with the request id;
+/// a 503 says when to come back.
+fn own_response_head(
     code: u16,
-    close: bool,
+    body_len: usize,
+    request_id: &str,
     extra: &[(&'static str, String)],
-) -> Result<()> {
-    let body = Bytes::from(format!("{code} {}\n", reason(code)));
+) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(code, Some(5 + extra.len()))?;
     if code == 503 {
         resp.insert_header(header::RETRY_AFTER, "1")?;
@@ -190,9 +190,29 @@ async fn respond_with(
         resp.insert_header(*k, v.as_str())?;
     }
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    resp.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    resp.insert_header(X_REQUEST_ID, request_id)?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    Ok(resp)
+}
+
+/// The request's `Content-Length`, when it has a valid one.
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+async fn respond_with(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    code: u16,
+    close: bool,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let body = Bytes::from(format!("{code} {}\n", reason(code)));
+    let resp = own_response_head(code, body.len(), &ctx.request_id, extra)?;
     if close {
         session.set_keepalive(None);
     }
@@ -286,12 +306,7 @@ async fn read_prefix(session: &mut Session) -> Result<Prefix> {
     }
     let req = session.req_header();
     let small = !req.headers.contains_key(header::TRANSFER_ENCODING)
-        && req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n <= PREFIX_MAX);
+        && content_length(req).is_some_and(|n| n <= PREFIX_MAX);
     let expects_continue = req
         .headers
         .get(header::EXPECT)
@@ -464,11 +479,7 @@ impl ProxyHttp for ErpGate {
         };
         let too_big = head_size(req) > cfg.server.max_request_header;
         let (mut class, needs) = classify_request(&cfg, req, None);
-        let content_length = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let content_length = content_length(req);
         let client = fwd.client;
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         ctx.https = tls
@@ -493,14 +504,16 @@ impl ProxyHttp for ErpGate {
             sc.feed(&p.bytes);
             let verdict = jsonrpc_verdict(session.req_header(), &sc, p.complete);
             class = classify_request(&cfg, session.req_header(), Some(&verdict)).0;
-            if !p.complete {
+            if p.complete {
+                scanner = Some(sc);
+            } else {
+                // The rest is read on the way to Odoo; the reader of the prefix goes on.
                 ctx.tail = Some(Tail {
-                    scanner: sc.clone(),
+                    scanner: sc,
                     seen: 0,
                     held: None,
                 });
             }
-            scanner = Some(sc);
             prefix = Some(p);
         }
         ctx.class = class.map(|(c, _)| c);
@@ -530,17 +543,22 @@ impl ProxyHttp for ErpGate {
                 if prefix.is_none() {
                     prefix = Some(read_prefix(session).await?);
                 }
-                prefix
-                    .as_ref()
-                    .and_then(|p| body_identity(&p.bytes, scanner.as_ref()))
+                prefix.as_ref().and_then(|p| {
+                    let read = scanner.as_ref().or(ctx.tail.as_ref().map(|t| &t.scanner));
+                    body_identity(&p.bytes, read)
+                })
             } else {
                 None
             };
             let req = session.req_header();
-            let host = request_host(
-                req.uri.host(),
-                req.headers.get(header::HOST).map(|v| v.as_bytes()),
-            );
+            // Only a host-keyed limit needs the host (classification derived it already).
+            let host = match limit.spec {
+                KeySpec::Host => request_host(
+                    req.uri.host(),
+                    req.headers.get(header::HOST).map(|v| v.as_bytes()),
+                ),
+                _ => None,
+            };
             let key = limit
                 .spec
                 .key(client, host.as_deref(), &req.headers, identity);
@@ -607,19 +625,9 @@ impl ProxyHttp for ErpGate {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
         };
         let pool = &cfg.pools[class.pool];
-        let candidates: Vec<crate::upstream::Candidate<'_>> = pool
-            .servers
-            .iter()
-            .map(|s| crate::upstream::Candidate {
-                zone: &s.zone,
-                healthy: s.state.is_healthy(),
-                drain: s.drain,
-                open: s.state.open(),
-            })
-            .collect();
         let cursor = pool.next.fetch_add(1, Ordering::Relaxed);
         let Some(ix) = crate::upstream::select(
-            &candidates,
+            &pool.servers,
             &cfg.network.zone,
             &pool.failover_zones,
             pool.balance,
@@ -779,17 +787,10 @@ impl ProxyHttp for ErpGate {
         if code > 0 && session.response_written().is_none() {
             let body = Bytes::from(format!("{code} {why}\n"));
             let sent = async {
-                let mut resp = ResponseHeader::build(code, Some(4))?;
-                resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-                resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-                resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-                if code == 503 {
-                    resp.insert_header(header::RETRY_AFTER, "1")?;
-                }
                 if ctx.request_id.is_empty() {
                     ctx.request_id = forwarded::new_request_id();
                 }
-                resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+                let resp = own_response_head(code, body.len(), &ctx.request_id, &[])?;
                 session.set_keepalive(None);
                 session.write_response_header(Box::new(resp), false).await?;
                 session.write_response_body(Some(body), true).await

@@ -110,40 +110,61 @@ impl ServerState {
 }
 
 /// What selection needs to know of a server.
-pub struct Candidate<'a> {
-    pub zone: &'a str,
-    pub healthy: bool,
-    pub drain: bool,
-    pub open: usize,
+pub trait Candidate {
+    fn zone(&self) -> &str;
+    fn healthy(&self) -> bool;
+    fn drain(&self) -> bool;
+    fn open(&self) -> usize;
+}
+
+impl Candidate for crate::config::Upstream {
+    fn zone(&self) -> &str {
+        &self.zone
+    }
+    fn healthy(&self) -> bool {
+        self.state.is_healthy()
+    }
+    fn drain(&self) -> bool {
+        self.drain
+    }
+    fn open(&self) -> usize {
+        self.state.open()
+    }
 }
 
 /// The server for the next attempt of a request: among healthy, non-draining servers not
 /// tried yet, those of `own_zone`; if none, those of the `failover` zones in order (each
 /// zone a step), or of every other zone when `failover` is empty. `None`: no server can
 /// take it (the caller answers 503 at once). `cursor` rotates the choice.
-pub fn select(
-    servers: &[Candidate<'_>],
+pub fn select<S: Candidate>(
+    servers: &[S],
     own_zone: &str,
     failover: &[String],
     balance: Balance,
     cursor: usize,
     tried: &[usize],
 ) -> Option<usize> {
-    let usable = |i: usize, s: &Candidate<'_>| s.healthy && !s.drain && !tried.contains(&i);
+    let usable = |i: usize, s: &S| s.healthy() && !s.drain() && !tried.contains(&i);
     let pick = |in_tier: &dyn Fn(&str) -> bool| -> Option<usize> {
         let n = servers.len();
-        let eligible = |i: &usize| usable(*i, &servers[*i]) && in_tier(servers[*i].zone);
+        let eligible = |i: &usize| usable(*i, &servers[*i]) && in_tier(servers[*i].zone());
         match balance {
             // The cursor-th of the eligible servers: an even spread whatever the others do.
             Balance::RoundRobin => {
                 let m = (0..n).filter(eligible).count();
-                (m > 0).then(|| (0..n).filter(eligible).nth(cursor % m))?
+                // (A server's health may change between the two passes: then any eligible.)
+                (m > 0).then(|| {
+                    (0..n)
+                        .filter(eligible)
+                        .nth(cursor % m)
+                        .or_else(|| (0..n).find(eligible))
+                })?
             }
             // Ties go round, starting at the cursor.
             Balance::LeastConn => (0..n)
                 .map(|k| (cursor + k) % n)
                 .filter(eligible)
-                .min_by_key(|&i| servers[i].open),
+                .min_by_key(|&i| servers[i].open()),
         }
     };
     if let Some(i) = pick(&|z| z == own_zone) {

@@ -1,7 +1,29 @@
 use super::*;
 
-fn c(zone: &str, healthy: bool, drain: bool, open: usize) -> Candidate<'_> {
-    Candidate {
+struct Server<'a> {
+    zone: &'a str,
+    healthy: bool,
+    drain: bool,
+    open: usize,
+}
+
+impl Candidate for Server<'_> {
+    fn zone(&self) -> &str {
+        self.zone
+    }
+    fn healthy(&self) -> bool {
+        self.healthy
+    }
+    fn drain(&self) -> bool {
+        self.drain
+    }
+    fn open(&self) -> usize {
+        self.open
+    }
+}
+
+fn c(zone: &str, healthy: bool, drain: bool, open: usize) -> Server<'_> {
+    Server {
         zone,
         healthy,
         drain,
@@ -9,7 +31,7 @@ fn c(zone: &str, healthy: bool, drain: bool, open: usize) -> Candidate<'_> {
     }
 }
 
-fn picks(servers: &[Candidate<'_>], failover: &[String], balance: Balance) -> Vec<usize> {
+fn picks(servers: &[Server<'_>], failover: &[String], balance: Balance) -> Vec<usize> {
     (0..6)
         .filter_map(|cursor| select(servers, "a", failover, balance, cursor, &[]))
         .collect()
@@ -47,7 +69,10 @@ fn other_zones_when_own_zone_is_down_or_draining() {
 fn nothing_usable_is_none() {
     let s = [c("a", false, false, 0), c("b", true, true, 0)];
     assert_eq!(select(&s, "a", &[], Balance::RoundRobin, 0, &[]), None);
-    assert_eq!(select(&[], "a", &[], Balance::LeastConn, 0, &[]), None);
+    assert_eq!(
+        select::<Server>(&[], "a", &[], Balance::LeastConn, 0, &[]),
+        None
+    );
 }
 
 #[test]

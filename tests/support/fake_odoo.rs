@@ -227,6 +227,17 @@ async fn fill<S: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Where the first CRLF-terminated line of `buf` ends (refilled from `s` until it has one).
+async fn crlf_at<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Result<usize, BoxError> {
+    loop {
+        if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+            return Ok(p);
+        }
+        let want = buf.len() + 1;
+        fill(s, buf, want).await?;
+    }
+}
+
 /// Reads a chunked body from `buf` (refilled from `s`); returns the decoded body and
 /// leaves the bytes after it in `buf`.
 async fn read_chunked<S: AsyncRead + Unpin>(
@@ -235,26 +246,14 @@ async fn read_chunked<S: AsyncRead + Unpin>(
 ) -> Result<Vec<u8>, BoxError> {
     let mut body = Vec::new();
     loop {
-        let line_end = loop {
-            if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
-                break p;
-            }
-            let want = buf.len() + 1;
-            fill(s, buf, want).await?;
-        };
+        let line_end = crlf_at(s, buf).await?;
         let line = String::from_utf8_lossy(&buf[..line_end]).to_string();
         let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)?;
         buf.drain(..line_end + 2);
         if size == 0 {
             // trailers until an empty line
             loop {
-                let end = loop {
-                    if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
-                        break p;
-                    }
-                    let want = buf.len() + 1;
-                    fill(s, buf, want).await?;
-                };
+                let end = crlf_at(s, buf).await?;
                 buf.drain(..end + 2);
                 if end == 0 {
                     return Ok(body);
