@@ -376,6 +376,27 @@ fn body_identity(prefix: &[u8], scanner: Option<&Scanner>) -> Option<u64> {
     }
 }
 
+/// Works around Pingora 0.9.1 tearing down a WebSocket the instant it is established
+/// (cloudflare/pingora#946): an upgrade request has no body, so Pingora queues "end of request
+/// body" before Odoo answers, and when Odoo's 101 is read first that queued end is taken for
+/// the end of the tunnel. Seen when Odoo answers fast (a LAN, or a loaded proxy). Marking the
+/// client's side as a body that has not ended (chunked; after the 101 Pingora reads it as the
+/// socket's byte stream) means no end is queued; Odoo is told the request has an empty body.
+fn hold_upgrade_body_open(session: &mut Session, up: &mut RequestHeader) -> Result<()> {
+    let req = session.req_header();
+    if !session.is_upgrade_req()
+        || req.headers.contains_key(header::CONTENT_LENGTH)
+        || req.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Ok(());
+    }
+    session
+        .req_header_mut()
+        .insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    up.insert_header(header::CONTENT_LENGTH, "0")?;
+    Ok(())
+}
+
 /// Reads a JSON-RPC body's rest (see [`Tail`]) and holds its last piece until the whole
 /// body is known. Then: if it calls a service of another class, that class's allowlist
 /// decides, and a refused request is cut (403) before Odoo has the whole body.
@@ -716,6 +737,7 @@ impl ProxyHttp for ErpGate {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        hold_upgrade_body_open(session, up)?;
         let Some(fwd) = &ctx.fwd else {
             return Ok(());
         };

@@ -356,6 +356,47 @@ fn a_websocket_handshake_without_origin_is_refused_by_odoo_and_passed_on() {
         .err()
         .expect("refused");
     assert!(err.contains("400"), "{err}");
+
+    // A client that keeps the connection after the refusal is told it is closed, and the
+    // refusal is logged at once, not when the client lets go.
+    let mut c = Conn::open(gw.http);
+    let r = c.send(
+        b"GET /websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("connection"), Some("close"));
+    gw.wait_log_line(&["path=/websocket", "status=400"]);
+    drop(c);
+}
+
+#[test]
+fn every_websocket_through_erpgate_echoes_when_odoo_answers_at_once() {
+    // Pingora 0.9.1 could take the upgrade request's own (empty) end of body for the end of
+    // the tunnel when Odoo's 101 was read first (cloudflare/pingora#946): the socket was cut
+    // right after the handshake. A fast local Odoo hits that ordering often; every one of
+    // these sockets must carry messages both ways.
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let sockets: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = gw.http;
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    let mut ws = ws_connect(addr, "/websocket", Some("http://localhost"))
+                        .expect("handshake through erpgate");
+                    let msg = format!("socket {t}/{i}");
+                    ws.send_text(&msg);
+                    assert_eq!(ws.recv_text(Duration::from_secs(5)), msg);
+                    ws.close();
+                }
+            })
+        })
+        .collect();
+    for s in sockets {
+        s.join().expect("every socket echoed");
+    }
 }
 
 #[test]

@@ -109,6 +109,9 @@ impl Erpgate {
 
 impl Drop for Erpgate {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- erpgate log ({}) ---\n{}", self.http, self.log());
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
