@@ -146,6 +146,15 @@ struct Prefix {
 }
 
 impl Ctx {
+    /// Whether another server may still be tried: not all of the pool tried yet, and fewer
+    /// attempts than the pool's `max_attempts`.
+    fn may_try_again(&self) -> bool {
+        self.class(&self.cfg).is_some_and(|c| {
+            let pool = &self.cfg.pools[c.pool];
+            self.tried.len() < pool.servers.len().min(pool.max_attempts)
+        })
+    }
+
     fn class<'a>(&self, cfg: &'a Config) -> Option<&'a Class> {
         self.class.and_then(|i| cfg.classes.get(i))
     }
@@ -722,11 +731,38 @@ impl ProxyHttp for ErpGate {
             }
         }
         // Nothing of the request was sent: another server may take it, whatever the method.
-        let pool_size = ctx
-            .class(&ctx.cfg)
-            .map_or(0, |c| ctx.cfg.pools[c.pool].servers.len());
-        if ctx.tried.len() < pool_size {
+        if ctx.may_try_again() {
             e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // Bytes of this request reached a server. Only a GET or HEAD may go again, and only
+        // while the client has seen nothing of an answer: where its class says so after any
+        // failure; otherwise only when a kept-alive connection turns out to have been closed
+        // by Odoo before it read anything (Pingora's reused-connection rule). A POST, PUT,
+        // PATCH or DELETE is never sent twice: the client gets 502.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let method = &session.req_header().method;
+        let safe = *method == http::Method::GET || *method == http::Method::HEAD;
+        if !safe
+            || session.response_written().is_some()
+            || session.as_ref().retry_buffer_truncated()
+            || !ctx.may_try_again()
+        {
+            e.set_retry(false);
+        } else if ctx.class(&ctx.cfg).is_some_and(|c| c.retry_idempotent) {
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }

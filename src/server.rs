@@ -42,6 +42,8 @@ fn server_conf(cfg: &Config) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs().max(1)),
         pid_file: tmp.join("erpgate.pid").display().to_string(),
         upgrade_sock: tmp.join("erpgate_upgrade.sock").display().to_string(),
+        // Tries per request; each pool's `max_attempts` bounds them further.
+        max_retries: crate::config::MAX_ATTEMPTS_LIMIT,
         ..ServerConf::default()
     }
 }

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
 use support::erpgate::Erpgate;
 use support::*;
 
@@ -46,11 +45,7 @@ fn traffic_stays_in_the_local_zone_and_fails_over_when_it_dies() {
     assert_eq!(local.requests().len(), 10);
     assert_eq!(remote.requests().len(), 0);
     // Health probes carry the pool's Host.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while remote.health_probes() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no health probe");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    remote.wait_for_health_probe();
     let probe = remote
         .all_requests()
         .into_iter()
@@ -116,4 +111,130 @@ fn failover_zones_order_and_nothing_healthy_answers_503() {
         assert_eq!(r.status, 503);
         assert_eq!(r.header("retry-after"), Some("1"));
     }
+}
+
+fn crashing_on(path: &str) -> FakeOdoo {
+    FakeOdoo::start_with(FakeOptions {
+        crash_path: Some(path.to_string()),
+        ..FakeOptions::default()
+    })
+}
+
+/// The `X-Request-Id` of every request (health probes left out) that reached these servers.
+fn request_ids(servers: &[&FakeOdoo]) -> Vec<String> {
+    servers
+        .iter()
+        .flat_map(|s| s.requests())
+        .filter_map(|r| r.header("x-request-id").map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_post_whose_server_dies_before_answering_gets_502_and_reaches_no_other_server() {
+    let dying = crashing_on("/web/dataset/call_kw");
+    let healthy = FakeOdoo::start();
+    let servers = format!(
+        "{}, {}",
+        server(dying.web_addr(), "a", ""),
+        server(healthy.web_addr(), "a", "")
+    );
+    // Even a class that retries GETs never sends a POST twice.
+    let cfg =
+        config(&servers, "").replace("pool = \"web\"", "pool = \"web\"\nretry_idempotent = true");
+    let gw = Erpgate::start(&cfg);
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = request(
+            gw.http,
+            "POST",
+            "/web/dataset/call_kw",
+            &[("Content-Type", "application/json")],
+            Some(format!("{{\"params\":{{\"n\":{i}}}}}").as_bytes()),
+        );
+        statuses.push(r.status);
+    }
+    // The POST that reached the dying server failed; every other one succeeded (after the
+    // death, on the healthy server: connection refused is retried, nothing was sent).
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(dying.requests().len(), 1);
+    assert_eq!(healthy.requests().len(), 7);
+    // Each request id reached Odoo at most once: nothing was posted twice.
+    let mut ids = request_ids(&[&dying, &healthy]);
+    assert_eq!(ids.len(), 8);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 8, "a request reached Odoo twice");
+    let line = gw.wait_log_line(&["status=502"]);
+    assert!(line.contains("method=POST"), "{line}");
+}
+
+#[test]
+fn a_get_is_tried_again_after_a_failure_only_where_its_class_says_so() {
+    for retry in [true, false] {
+        let dying = crashing_on("/report");
+        let healthy = FakeOdoo::start();
+        // The dying server is first: round robin starts with it.
+        let servers = format!(
+            "{}, {}",
+            server(dying.web_addr(), "a", ""),
+            server(healthy.web_addr(), "a", "")
+        );
+        let cfg = config(&servers, "").replace(
+            "pool = \"web\"",
+            &format!("pool = \"web\"\nretry_idempotent = {retry}"),
+        );
+        let gw = Erpgate::start(&cfg);
+        let r = get(gw.http, "/report");
+        assert_eq!(dying.requests().len(), 1, "retry_idempotent = {retry}");
+        if retry {
+            assert_eq!(r.status, 200, "{}", r.body_str());
+            // The same request (one id) was tried on the second server.
+            assert_eq!(healthy.requests().len(), 1);
+            let ids = request_ids(&[&dying, &healthy]);
+            assert_eq!(ids[0], ids[1]);
+        } else {
+            assert_eq!(r.status, 502);
+            assert_eq!(healthy.requests().len(), 0);
+        }
+    }
+}
+
+#[test]
+fn attempts_per_request_are_bounded_by_max_attempts() {
+    // Five servers that die after erpgate found them healthy (its next probe is an hour
+    // away), one that works, all in the local zone: with max_attempts = 2 a request gives up
+    // after two refused connections (502) instead of walking the whole pool.
+    let doomed: Vec<FakeOdoo> = (0..5).map(|_| FakeOdoo::start()).collect();
+    let ok = FakeOdoo::start();
+    let mut list: Vec<String> = doomed
+        .iter()
+        .map(|f| server(f.web_addr(), "a", ""))
+        .collect();
+    list.push(server(ok.web_addr(), "a", ""));
+    let cfg = config(&list.join(", "), "max_attempts = 2")
+        .replace("interval = \"200ms\"", "interval = \"1h\"");
+    let gw = Erpgate::start(&cfg);
+    for f in &doomed {
+        f.wait_for_health_probe();
+    }
+    drop(doomed);
+    let r = get(gw.http, "/odoo");
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    assert_eq!(ok.requests().len(), 0);
+    // Each refusal marked its server down, so later requests skip those: within three more
+    // requests (at most two tries each) the working server is reached.
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(get(gw.http, "/odoo").status);
+    }
+    assert_eq!(codes.last(), Some(&200), "{codes:?}");
 }

@@ -465,8 +465,23 @@ impl Compiler<'_> {
                             None
                         }
                     });
+            let max_attempts = match &pool.max_attempts {
+                None => crate::config::DEFAULT_MAX_ATTEMPTS,
+                Some(n) if (1..=MAX_ATTEMPTS_LIMIT as i64).contains(n.get_ref()) => {
+                    *n.get_ref() as usize
+                }
+                Some(n) => {
+                    self.error(
+                        n,
+                        &format!("{path}.max_attempts"),
+                        format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
+                    );
+                    crate::config::DEFAULT_MAX_ATTEMPTS
+                }
+            };
             out.push(Pool {
                 name: pname,
+                max_attempts,
                 servers,
                 next: AtomicUsize::new(0),
                 balance,
@@ -692,6 +707,7 @@ impl Compiler<'_> {
                     audit: c.audit.unwrap_or(false),
                     rate_limit,
                     security_headers,
+                    retry_idempotent: c.retry_idempotent.unwrap_or(false),
                 });
             }
         }

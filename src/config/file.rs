@@ -68,6 +68,7 @@ pub struct Pool {
     pub balance: Option<Str>,
     pub failover_zones: Option<Vec<Str>>,
     pub host: Option<Str>,
+    pub max_attempts: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +105,7 @@ pub struct Class {
     pub audit: Option<bool>,
     pub rate_limit: Option<Spanned<RateLimit>>,
     pub security_headers: Option<Spanned<SecurityHeaders>>,
+    pub retry_idempotent: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

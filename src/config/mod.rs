@@ -173,7 +173,15 @@ pub struct Pool {
     pub health: crate::upstream::HealthCheck,
     /// `Host` sent with health checks (default: the server's address).
     pub host: Option<String>,
+    /// Most servers one request is tried on (connect failures, and retries of GET/HEAD
+    /// where the class allows them).
+    pub max_attempts: usize,
 }
+
+/// Default `max_attempts`: the first server and two more.
+pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
+/// Largest `max_attempts` (Pingora's own cap on tries per request is set to it).
+pub const MAX_ATTEMPTS_LIMIT: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -207,6 +215,9 @@ pub struct Class {
     pub audit: bool,
     pub rate_limit: Option<std::sync::Arc<crate::policy::ratelimit::Limit>>,
     pub security_headers: SecurityHeaders,
+    /// A GET or HEAD whose server failed after it was sent (reset, closed, read timeout)
+    /// before any response reached the client is tried again on another server.
+    pub retry_idempotent: bool,
 }
 
 /// Response headers added to a class's answers (`security_headers`).

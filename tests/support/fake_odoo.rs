@@ -52,6 +52,10 @@ pub struct FakeOptions {
     pub longpoll_hold: Duration,
     /// Send a WebSocket ping after this much idle time (Odoo: 45 s).
     pub ws_ping_after: Option<Duration>,
+    /// A request to this path (any method) is recorded, then this Odoo dies before answering:
+    /// the connection drops without a response and both ports stop listening (a worker
+    /// killed mid-request, a pod evicted).
+    pub crash_path: Option<String>,
 }
 
 impl Default for FakeOptions {
@@ -59,15 +63,17 @@ impl Default for FakeOptions {
         FakeOptions {
             longpoll_hold: Duration::from_secs(50),
             ws_ping_after: None,
+            crash_path: None,
         }
     }
 }
 
-#[derive(Default)]
 struct Shared {
     requests: Mutex<Vec<Recorded>>,
     ws_open: AtomicUsize,
     ws_messages: AtomicUsize,
+    /// Set when this Odoo died (`crash_path`): the listeners close.
+    crashed: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct FakeOdoo {
@@ -83,16 +89,27 @@ impl FakeOdoo {
     }
 
     pub fn start_with(opts: FakeOptions) -> FakeOdoo {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::start_at(any, any, opts)
+    }
+
+    /// Starts on these ports (port 0: any free one); a restarted server takes its old ports.
+    pub fn start_at(web: SocketAddr, gevent: SocketAddr, opts: FakeOptions) -> FakeOdoo {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("fake odoo runtime");
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            requests: Mutex::default(),
+            ws_open: AtomicUsize::default(),
+            ws_messages: AtomicUsize::default(),
+            crashed: tokio::sync::watch::Sender::new(false),
+        });
         let opts = Arc::new(opts);
         let (web, gevent) = runtime.block_on(async {
-            let web = TcpListener::bind("127.0.0.1:0").await.expect("bind web");
-            let gevent = TcpListener::bind("127.0.0.1:0").await.expect("bind gevent");
+            let web = TcpListener::bind(web).await.expect("bind web");
+            let gevent = TcpListener::bind(gevent).await.expect("bind gevent");
             (web, gevent)
         });
         let web_addr = web.local_addr().expect("addr");
@@ -100,9 +117,14 @@ impl FakeOdoo {
         for (listener, port) in [(web, Port::Web), (gevent, Port::Gevent)] {
             let shared = shared.clone();
             let opts = opts.clone();
+            let mut crashed = shared.crashed.subscribe();
             runtime.spawn(async move {
                 loop {
-                    let Ok((stream, peer)) = listener.accept().await else {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        _ = crashed.wait_for(|c| *c) => return,
+                    };
+                    let Ok((stream, peer)) = accepted else {
                         continue;
                     };
                     let shared = shared.clone();
@@ -164,6 +186,17 @@ impl FakeOdoo {
                     r.len()
                 );
             }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    /// Waits until erpgate's health checker has probed this Odoo at least once.
+    pub fn wait_for_health_probe(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.health_probes() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "fake odoo: no health probe in 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -384,6 +417,10 @@ async fn serve(
             return websocket(s, shared, opts).await;
         }
         shared.requests.lock().expect("lock").push(rec);
+        if opts.crash_path.as_deref() == Some(route.as_str()) {
+            shared.crashed.send_replace(true);
+            return Ok(());
+        }
         let close =
             port == Port::Web || get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let status = query_param(&path, "status")

@@ -470,3 +470,26 @@ health_check = { path = "/web/health", tcp = true, status = 999, healthy_after =
         assert!(has(&errs, needle), "missing {needle}: {errs:#?}");
     }
 }
+
+#[test]
+fn retries_are_off_and_attempts_bounded_by_default_and_checked() {
+    let cfg = parse(MINIMAL, "t.toml", None).expect("valid");
+    assert!(!cfg.classes[0].retry_idempotent);
+    assert_eq!(cfg.pools[0].max_attempts, DEFAULT_MAX_ATTEMPTS);
+    let t = MINIMAL
+        .replace("pool = \"web\"", "pool = \"web\"\nretry_idempotent = true")
+        .replace("servers = [{", "max_attempts = 5\nservers = [{");
+    let cfg = parse(&t, "t.toml", None).expect("valid");
+    assert!(cfg.classes[0].retry_idempotent);
+    assert_eq!(cfg.pools[0].max_attempts, 5);
+    for bad in ["0", "17", "-1"] {
+        let errs = errors(&t.replace("max_attempts = 5", &format!("max_attempts = {bad}")));
+        assert!(
+            has(
+                &errs,
+                "t.toml:6:16: pools.web.max_attempts: must be between 1 and 16"
+            ),
+            "{errs:#?}"
+        );
+    }
+}
