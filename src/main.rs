@@ -66,7 +66,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CANNOT_LISTEN);
                     }
                 }
-                erpgate::server::run(cfg, upgrade)
+                erpgate::server::run(cfg, &config, upgrade)
             }
             Err(errors) => {
                 eprintln!("{errors}");

@@ -72,11 +72,17 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
 }
 
 /// Runs erpgate until it is stopped by a signal. Never returns.
-pub fn run(cfg: Config, upgrade: bool) -> ! {
+pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let conf = server_conf(&cfg);
     let http = cfg.listen.http.clone();
     let admin = cfg.listen.admin;
     let store = Arc::new(ArcSwap::from_pointee(cfg));
+    let stats = Arc::new(crate::config::reload::ReloadStats::default());
+    if let Err(e) = crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats) {
+        tracing::error!(
+            "config reload is off (no file watch or SIGHUP): {e}; restart to change the config"
+        );
+    }
 
     let opt = Opt {
         upgrade,

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::time::Duration;
 use support::erpgate::Erpgate;
 use support::*;
 
@@ -237,4 +238,147 @@ fn attempts_per_request_are_bounded_by_max_attempts() {
         codes.push(get(gw.http, "/odoo").status);
     }
     assert_eq!(codes.last(), Some(&200), "{codes:?}");
+}
+
+/// A pool of gevent servers carrying WebSockets, spread by open connections.
+fn ws_config(servers: &str) -> String {
+    format!(
+        r#"
+[network]
+zone = "a"
+
+[pools.longpoll]
+servers = [{servers}]
+balance = "least_conn"
+health_check = {{ path = "/websocket/health", interval = "200ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 1 }}
+
+[[class]]
+name = "longpoll"
+match = {{ path_prefix = "/websocket" }}
+pool = "longpoll"
+timeouts = {{ read = "1h", idle = "1h" }}
+"#
+    )
+}
+
+fn open_sockets(gw: &Erpgate, n: usize) -> Vec<WsClient> {
+    (0..n)
+        .map(|i| {
+            let mut ws = ws_connect(gw.http, "/websocket", Some("http://localhost"))
+                .expect("handshake through erpgate");
+            let msg = format!("hello {i}");
+            ws.send_text(&msg);
+            assert_eq!(ws.recv_text(Duration::from_secs(5)), msg);
+            ws
+        })
+        .collect()
+}
+
+fn all_echo(sockets: &mut [WsClient]) {
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let msg = format!("still there {i}");
+        ws.send_text(&msg);
+        assert_eq!(ws.recv_text(Duration::from_secs(5)), msg);
+    }
+}
+
+#[test]
+fn websockets_spread_by_open_connections_and_drained_or_removed_servers_keep_theirs() {
+    let s1 = FakeOdoo::start();
+    let s2 = FakeOdoo::start();
+    let one = |drain: &str| server(s1.gevent_addr(), "a", drain);
+    let two = |drain: &str| server(s2.gevent_addr(), "a", drain);
+    // s2 starts drained: every socket goes to s1.
+    let gw = Erpgate::start(&ws_config(&format!(
+        "{}, {}",
+        one(""),
+        two(", drain = true")
+    )));
+    let mut first = open_sockets(&gw, 4);
+    assert_eq!((s1.ws_open(), s2.ws_open()), (4, 0));
+
+    // s2 back in service: new sockets go to the server with fewer open (round robin would
+    // have put half of them on s1 again).
+    gw.reload_with(&ws_config(&format!("{}, {}", one(""), two(""))));
+    let mut second = open_sockets(&gw, 4);
+    assert_eq!((s1.ws_open(), s2.ws_open()), (4, 4));
+
+    // s1 drained: new sockets and requests go to s2 only; s1's sockets keep echoing.
+    gw.reload_with(&ws_config(&format!(
+        "{}, {}",
+        one(", drain = true"),
+        two("")
+    )));
+    let mut third = open_sockets(&gw, 2);
+    assert_eq!((s1.ws_open(), s2.ws_open()), (4, 6));
+    all_echo(&mut first);
+    all_echo(&mut second);
+
+    // s1 removed from the config: the same, its open sockets live on.
+    gw.reload_with(&ws_config(&two("")));
+    let _fourth = open_sockets(&gw, 2);
+    assert_eq!((s1.ws_open(), s2.ws_open()), (4, 8));
+    all_echo(&mut first);
+    all_echo(&mut third);
+    let handshakes = |f: &FakeOdoo| {
+        f.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/websocket"))
+            .count()
+    };
+    assert_eq!((handshakes(&s1), handshakes(&s2)), (4, 8));
+}
+
+#[test]
+fn traffic_moves_back_to_the_local_zone_after_healthy_after_good_probes() {
+    let local = FakeOdoo::start();
+    let remote = FakeOdoo::start();
+    let (web, gevent) = (local.web_addr(), local.gevent_addr());
+    let servers = format!(
+        "{}, {}",
+        server(local.web_addr(), "a", ""),
+        server(remote.web_addr(), "b", "")
+    );
+    let cfg = config(&servers, "").replace("healthy_after = 1", "healthy_after = 3");
+    let gw = Erpgate::start(&cfg);
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+    assert_eq!(local.requests().len(), 1);
+
+    // The local zone goes down under a steady request loop: nothing fails.
+    drop(local);
+    for i in 0..10 {
+        assert_eq!(get(gw.http, &format!("/odoo?down={i}")).status, 200);
+    }
+    assert_eq!(remote.requests().len(), 10);
+
+    // It comes back on the same address: traffic returns once three probes in a row passed,
+    // and not before.
+    let back = FakeOdoo::start_at(web, gevent, FakeOptions::default());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = 0;
+    while back.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic never came back"
+        );
+        assert_eq!(get(gw.http, &format!("/odoo?back={sent}")).status, 200);
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = back.all_requests();
+    let first_real = seen
+        .iter()
+        .position(|r| !r.is_health_probe())
+        .expect("a request");
+    assert!(
+        first_real >= 3,
+        "traffic came back after {first_real} probes: {seen:#?}"
+    );
+    gw.wait_log_line(&["healthy again"]);
+    // From then on it stays local.
+    back.clear();
+    for i in 0..5 {
+        assert_eq!(get(gw.http, &format!("/odoo?local={i}")).status, 200);
+    }
+    assert_eq!(back.requests().len(), 5);
 }

@@ -4,6 +4,7 @@
 mod compile;
 pub mod file;
 mod locate;
+pub mod reload;
 
 use crate::classify::Alternative;
 use ipnet::IpNet;

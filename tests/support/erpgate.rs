@@ -102,6 +102,36 @@ impl Erpgate {
         }
     }
 
+    /// Replaces the config file the way editors do (a new file renamed over the old one),
+    /// keeping the `[listen]` section; erpgate's file watch picks it up.
+    pub fn write_config(&self, body: &str) {
+        let config = format!(
+            "[listen]\nhttp = [\"{}\"]\nadmin = \"{}\"\n\n{body}",
+            self.http, self.admin
+        );
+        let tmp = self.dir.path().join("erpgate.toml.new");
+        std::fs::write(&tmp, config).expect("write config");
+        std::fs::rename(&tmp, &self.config_path).expect("rename config");
+    }
+
+    /// How many times erpgate has taken a new config so far.
+    pub fn reloads(&self) -> usize {
+        self.log().matches("config reloaded").count()
+    }
+
+    /// Writes a new config and waits until erpgate has taken it.
+    pub fn reload_with(&self, body: &str) {
+        let before = self.reloads();
+        self.write_config(body);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.reloads() == before {
+            if Instant::now() > deadline {
+                panic!("config not reloaded within 10 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }

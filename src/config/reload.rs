@@ -1,0 +1,145 @@
+//! Live reload: on SIGHUP, and when the config file changes on disk, the file is read and
+//! compiled on a thread of its own (never on the request path) and swapped in with one
+//! `ArcSwap::store`. A request keeps the `Arc` it started with; open WebSockets and
+//! long-polls are untouched. A file with errors changes nothing: the old config keeps
+//! serving and every error (`file:line:col: key.path: message`) goes to the log.
+//!
+//! The watch is on the file's directory, not the file: editors write a new file and rename
+//! it over the old one, and Kubernetes ConfigMap volumes swap a `..data` symlink, and
+//! neither is seen by a watch on the old file. Any event in the directory is followed by a
+//! short settling pause and a read; only a change of the file's bytes reloads.
+
+use super::{load, Config};
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time for a burst of file events (write, rename, symlink swap) to settle before reading.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// Counts of reloads, for the admin endpoint and metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Starts watching `path` and listening for SIGHUP. Returns once both are in place, so a
+/// SIGHUP sent after this returns is never the default one (which ends the process).
+pub fn spawn(
+    path: PathBuf,
+    store: Arc<ArcSwap<Config>>,
+    stats: Arc<ReloadStats>,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut hup = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    })?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let dir = watch_dir(&path);
+    let events = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = events.send(());
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(std::io::Error::other)?;
+    let mut seen = std::fs::read(&path).ok();
+    std::thread::Builder::new()
+        .name("erpgate-reload".into())
+        .spawn(move || {
+            let _watcher = watcher;
+            rt.block_on(async move {
+                loop {
+                    let forced = tokio::select! {
+                        _ = hup.recv() => true,
+                        ev = rx.recv() => {
+                            if ev.is_none() {
+                                return;
+                            }
+                            false
+                        }
+                    };
+                    tokio::time::sleep(SETTLE).await;
+                    while rx.try_recv().is_ok() {}
+                    let now = std::fs::read(&path).ok();
+                    if !forced && now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    let why = if forced { "SIGHUP" } else { "file changed" };
+                    reload(&path, &store, &stats, why);
+                }
+            });
+        })?;
+    Ok(())
+}
+
+/// The directory to watch for `path` (its parent; `.` for a bare file name).
+fn watch_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Reads, compiles and swaps in the file at `path`; on errors keeps the current config.
+/// Returns whether the new config was taken.
+pub fn reload(path: &Path, store: &ArcSwap<Config>, stats: &ReloadStats, why: &str) -> bool {
+    match load(path) {
+        Ok(mut new) => {
+            let old = store.load_full();
+            for what in needs_restart(&old, &new) {
+                tracing::warn!(
+                    "config reload: {what} changed; this takes effect at the next restart"
+                );
+            }
+            new.adopt_state(&old);
+            store.store(Arc::new(new));
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(file = %path.display(), reason = why, "config reloaded");
+            true
+        }
+        Err(errors) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            for e in &errors.0 {
+                tracing::error!("config reload: {e}");
+            }
+            tracing::error!(
+                file = %path.display(),
+                reason = why,
+                "config reload failed: {} error(s); the running config is unchanged",
+                errors.0.len()
+            );
+            false
+        }
+    }
+}
+
+/// Settings a running process cannot change: they are read at start only.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.listen != new.listen {
+        out.push("[listen]");
+    }
+    if old.server.threads != new.server.threads {
+        out.push("server.threads");
+    }
+    if old.server.grace_period != new.server.grace_period
+        || old.server.shutdown_timeout != new.server.shutdown_timeout
+    {
+        out.push("server.grace_period / server.shutdown_timeout");
+    }
+    if old.log != new.log {
+        out.push("[log]");
+    }
+    out
+}
