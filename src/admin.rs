@@ -61,7 +61,7 @@ impl ServeHttp for AdminApp {
                     "classes": cfg.classes.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
                     "pools": cfg.pools.iter().map(|p| serde_json::json!({
                         "name": p.name,
-                        "servers": p.servers.iter().map(|s| serde_json::json!({"address": s.address, "zone": s.zone})).collect::<Vec<_>>(),
+                        "servers": p.servers.load().iter().map(|s| serde_json::json!({"address": s.address, "from": s.from, "zone": s.zone, "healthy": s.state.is_healthy(), "drain": s.drain, "open": s.state.open()})).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 });
                 reply(200, "application/json", format!("{body}\n"))

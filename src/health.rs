@@ -3,13 +3,13 @@
 //! delays traffic. `healthy_after` good probes in a row bring a server back,
 //! `unhealthy_after` bad ones take it out (a failed connection takes it out at once: see
 //! `proxy::fail_to_connect`). The checker reads the live config on every round, so a reload
-//! changes what it probes.
+//! or a new DNS answer changes what it probes. The same thread looks host names up again
+//! every `resolve_interval` (see `dns`).
 
 use crate::config::{Config, Pool, Upstream};
 use crate::upstream::HealthCheck;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,16 +38,32 @@ pub fn spawn(store: Arc<ArcSwap<Config>>) {
 
 async fn run(store: Arc<ArcSwap<Config>>) {
     let mut due: HashMap<(String, String), Instant> = HashMap::new();
+    let mut lookups: HashMap<String, Instant> = HashMap::new();
     loop {
         let cfg = store.load_full();
         let now = Instant::now();
         due.retain(|(pool, addr), _| {
             cfg.pools
                 .iter()
-                .any(|p| &p.name == pool && p.servers.iter().any(|s| &s.address == addr))
+                .any(|p| &p.name == pool && p.servers.load().iter().any(|s| &s.address == addr))
         });
         for pool in &cfg.pools {
-            for server in &pool.servers {
+            if pool.has_host_names() {
+                let next = lookups
+                    .entry(pool.name.clone())
+                    .or_insert(now + pool.resolve_interval);
+                if *next <= now {
+                    *next = now + pool.resolve_interval;
+                    let cfg = cfg.clone();
+                    let name = pool.name.clone();
+                    tokio::spawn(async move {
+                        if let Some(pool) = cfg.pools.iter().find(|p| p.name == name) {
+                            crate::dns::refresh(pool).await;
+                        }
+                    });
+                }
+            }
+            for server in pool.servers.load().iter() {
                 let next = due
                     .entry((pool.name.clone(), server.address.clone()))
                     .or_insert(now);
@@ -76,7 +92,7 @@ fn pool_view(p: &Pool) -> PoolView {
     }
 }
 
-async fn probe_and_record(pool: PoolView, server: Upstream) {
+async fn probe_and_record(pool: PoolView, server: Arc<Upstream>) {
     let check = &pool.check;
     let result = tokio::time::timeout(check.timeout, probe(&pool, &server)).await;
     let (ok, why) = match result {
@@ -99,27 +115,15 @@ async fn probe_and_record(pool: PoolView, server: Upstream) {
     }
 }
 
-async fn resolve(server: &Upstream) -> Result<SocketAddr, String> {
-    if let Some(a) = server.socket {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(server.address.as_str())
-        .await
-        .map_err(|e| format!("resolving {}: {e}", server.address))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", server.address))
-}
-
 /// One probe: connect, and with a check path, `GET` it and compare the status.
 async fn probe(pool: &PoolView, server: &Upstream) -> Result<(), String> {
-    let addr = resolve(server).await?;
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let mut s = tokio::net::TcpStream::connect(server.socket)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let Some(path) = &pool.check.path else {
         return Ok(());
     };
-    let host = pool.host.as_deref().unwrap_or(server.address.as_str());
+    let host = pool.host.as_deref().unwrap_or(server.from.as_str());
     let req = format!(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: erpgate-health-check\r\nConnection: close\r\n\r\n"
     );

@@ -3,9 +3,11 @@
 
 pub mod access;
 pub mod admin;
+pub mod affinity;
 pub mod audit;
 pub mod classify;
 pub mod config;
+pub mod dns;
 pub mod errors;
 pub mod forwarded;
 pub mod headers;

@@ -105,10 +105,10 @@ pub struct Ctx {
     decision: &'static str,
     in_flight: Option<InFlight>,
     request_id: String,
-    /// Index in the pool of the server of the current attempt.
-    server: Option<usize>,
-    /// Servers already tried (indexes in the pool), for failover on connect errors.
-    tried: Vec<usize>,
+    /// The server of the current attempt.
+    server: Option<Arc<crate::config::Upstream>>,
+    /// Servers already tried (their ids), for failover.
+    tried: Vec<u64>,
     /// Counts this request among the current server's open connections.
     open_on: Option<OpenConn>,
     body_bytes: u64,
@@ -151,7 +151,7 @@ impl Ctx {
     fn may_try_again(&self) -> bool {
         self.class(&self.cfg).is_some_and(|c| {
             let pool = &self.cfg.pools[c.pool];
-            self.tried.len() < pool.servers.len().min(pool.max_attempts)
+            self.tried.len() < pool.servers.load().len().min(pool.max_attempts)
         })
     }
 
@@ -655,48 +655,31 @@ impl ProxyHttp for ErpGate {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
         };
         let pool = &cfg.pools[class.pool];
-        let cursor = pool.next.fetch_add(1, Ordering::Relaxed);
-        let Some(ix) = crate::upstream::select(
-            &pool.servers,
-            &cfg.network.zone,
-            &pool.failover_zones,
-            pool.balance,
-            cursor,
-            &ctx.tried,
-        ) else {
+        let how = crate::upstream::Placement {
+            own_zone: &cfg.network.zone,
+            failover: &pool.failover_zones,
+            balance: pool.balance,
+            cursor: pool.next.fetch_add(1, Ordering::Relaxed),
+            sticky: pool
+                .affinity
+                .as_deref()
+                .map(|cookie| crate::affinity::sticky(session.req_header(), cookie))
+                .unwrap_or_default(),
+        };
+        let servers = pool.servers.load();
+        let Some(server) =
+            crate::upstream::select(&servers, &how, &ctx.tried).and_then(|ix| servers.get(ix))
+        else {
             ctx.open_on = None;
             return Error::e_explain(
                 ErrorType::HTTPStatus(503),
                 "no healthy Odoo server in the pool",
             );
         };
-        ctx.tried.push(ix);
-        ctx.server = Some(ix);
-        ctx.open_on = Some(OpenConn::new(&pool.servers[ix].state));
-        let server = &pool.servers[ix];
-        let addr = match server.socket {
-            Some(a) => a,
-            None => match tokio::net::lookup_host(server.address.as_str()).await {
-                Ok(mut addrs) => match addrs.next() {
-                    Some(a) => a,
-                    None => {
-                        return Error::e_explain(
-                            ErrorType::ConnectNoRoute,
-                            "host name has no address",
-                        )
-                        .map_err(|e| e.into_up())
-                    }
-                },
-                Err(e) => {
-                    return Err(Error::because(
-                        ErrorType::ConnectNoRoute,
-                        format!("resolving {}", server.address),
-                        e,
-                    )
-                    .into_up())
-                }
-            },
-        };
+        ctx.tried.push(server.id);
+        ctx.open_on = Some(OpenConn::new(&server.state));
+        let addr = server.socket;
+        ctx.server = Some(server.clone());
         let t = class.timeouts;
         let mut peer = HttpPeer::new(addr, false, String::new());
         let upgrade = session.is_upgrade_req();
@@ -718,16 +701,13 @@ impl ProxyHttp for ErpGate {
     ) -> Box<Error> {
         // Passive check: the server is down until its probes say otherwise.
         ctx.open_on = None;
-        if let (Some(class), Some(ix)) = (ctx.class(&ctx.cfg), ctx.server) {
-            let pool = &ctx.cfg.pools[class.pool];
-            if let Some(server) = pool.servers.get(ix) {
-                if server.state.connect_failed() {
-                    tracing::warn!(
-                        pool = %pool.name,
-                        server = %server.address,
-                        "Odoo server marked down: {e}"
-                    );
-                }
+        if let (Some(class), Some(server)) = (ctx.class(&ctx.cfg), &ctx.server) {
+            if server.state.connect_failed() {
+                tracing::warn!(
+                    pool = %ctx.cfg.pools[class.pool].name,
+                    server = %server.address,
+                    "Odoo server marked down: {e}"
+                );
             }
         }
         // Nothing of the request was sent: another server may take it, whatever the method.
@@ -835,6 +815,12 @@ impl ProxyHttp for ErpGate {
         }
         resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(class) = ctx.class(&ctx.cfg) {
+            if let (Some(cookie), Some(server)) = (&ctx.cfg.pools[class.pool].affinity, &ctx.server)
+            {
+                if let Some(pin) = crate::affinity::pin_for(resp, cookie, server.id, ctx.https) {
+                    resp.append_header(header::SET_COOKIE, pin)?;
+                }
+            }
             add_security_headers(resp, &class.security_headers, ctx.https)?;
         }
         Ok(())
@@ -924,10 +910,7 @@ impl Ctx {
             .map_or("-", |c| self.cfg.pools[c.pool].name.as_str())
     }
     pub fn server_address(&self) -> &str {
-        match (self.class(&self.cfg), self.server) {
-            (Some(c), Some(s)) => self.cfg.pools[c.pool].servers[s].address.as_str(),
-            _ => "-",
-        }
+        self.server.as_ref().map_or("-", |s| s.address.as_str())
     }
     pub fn own_status(&self) -> Option<u16> {
         self.own_status

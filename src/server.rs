@@ -76,6 +76,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let conf = server_conf(&cfg);
     let http = cfg.listen.http.clone();
     let admin = cfg.listen.admin;
+    crate::dns::resolve_blocking(&cfg);
     let store = Arc::new(ArcSwap::from_pointee(cfg));
     let stats = Arc::new(crate::config::reload::ReloadStats::default());
     if let Err(e) = crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats) {

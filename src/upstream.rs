@@ -109,15 +109,25 @@ impl ServerState {
     }
 }
 
+/// A server's stable identity: a hash of its `ip:port`, the same in every erpgate process
+/// (replicas in other zones agree on it; the affinity cookie carries it).
+pub fn server_id(address: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(address.as_bytes())
+}
+
 /// What selection needs to know of a server.
 pub trait Candidate {
+    fn id(&self) -> u64;
     fn zone(&self) -> &str;
     fn healthy(&self) -> bool;
     fn drain(&self) -> bool;
     fn open(&self) -> usize;
 }
 
-impl Candidate for crate::config::Upstream {
+impl Candidate for std::sync::Arc<crate::config::Upstream> {
+    fn id(&self) -> u64 {
+        self.id
+    }
     fn zone(&self) -> &str {
         &self.zone
     }
@@ -132,23 +142,56 @@ impl Candidate for crate::config::Upstream {
     }
 }
 
-/// The server for the next attempt of a request: among healthy, non-draining servers not
-/// tried yet, those of `own_zone`; if none, those of the `failover` zones in order (each
-/// zone a step), or of every other zone when `failover` is empty. `None`: no server can
-/// take it (the caller answers 503 at once). `cursor` rotates the choice.
-pub fn select<S: Candidate>(
-    servers: &[S],
-    own_zone: &str,
-    failover: &[String],
-    balance: Balance,
-    cursor: usize,
-    tried: &[usize],
-) -> Option<usize> {
-    let usable = |i: usize, s: &S| s.healthy() && !s.drain() && !tried.contains(&i);
+/// Session affinity for one request: the server its affinity cookie names, and the hash
+/// of its session cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sticky {
+    /// A server id (`erpgate_affinity` cookie): taken when usable, in any zone.
+    pub pin: Option<u64>,
+    /// Consistent hashing key (the session cookie's value, hashed).
+    pub key: Option<u64>,
+}
+
+/// How a request is placed: the selection inputs beyond the servers themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub own_zone: &'a str,
+    pub failover: &'a [String],
+    pub balance: Balance,
+    /// Rotates round robin and breaks ties.
+    pub cursor: usize,
+    pub sticky: Sticky,
+}
+
+/// Rendezvous (highest random weight) score of `server` for `key`: each key ranks all
+/// servers the same way everywhere, and losing a server moves only the keys it had.
+fn score(key: u64, server: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&server.to_le_bytes(), key)
+}
+
+/// The server for the next attempt of a request (an index into `servers`): among healthy,
+/// non-draining servers whose id is not in `tried`, the pinned one if any; else those of
+/// `own_zone`; if none, those of the `failover` zones in order (each zone a step), or of
+/// every other zone when `failover` is empty. Within a zone: the session key's highest
+/// rendezvous score, else the pool's balance. `None`: no server can take it (the caller
+/// answers 503 at once).
+pub fn select<S: Candidate>(servers: &[S], how: &Placement<'_>, tried: &[u64]) -> Option<usize> {
+    let usable = |s: &S| s.healthy() && !s.drain() && !tried.contains(&s.id());
+    if let Some(pin) = how.sticky.pin {
+        if let Some(i) = servers.iter().position(|s| s.id() == pin && usable(s)) {
+            return Some(i);
+        }
+    }
+    let cursor = how.cursor;
     let pick = |in_tier: &dyn Fn(&str) -> bool| -> Option<usize> {
         let n = servers.len();
-        let eligible = |i: &usize| usable(*i, &servers[*i]) && in_tier(servers[*i].zone());
-        match balance {
+        let eligible = |i: &usize| usable(&servers[*i]) && in_tier(servers[*i].zone());
+        if let Some(key) = how.sticky.key {
+            return (0..n)
+                .filter(eligible)
+                .max_by_key(|&i| score(key, servers[i].id()));
+        }
+        match how.balance {
             // The cursor-th of the eligible servers: an even spread whatever the others do.
             Balance::RoundRobin => {
                 let m = (0..n).filter(eligible).count();
@@ -167,16 +210,48 @@ pub fn select<S: Candidate>(
                 .min_by_key(|&i| servers[i].open()),
         }
     };
-    if let Some(i) = pick(&|z| z == own_zone) {
+    if let Some(i) = pick(&|z| z == how.own_zone) {
         return Some(i);
     }
-    if failover.is_empty() {
-        return pick(&|z| z != own_zone);
+    if how.failover.is_empty() {
+        return pick(&|z| z != how.own_zone);
     }
-    failover
+    how.failover
         .iter()
-        .filter(|z| z.as_str() != own_zone)
+        .filter(|z| z.as_str() != how.own_zone)
         .find_map(|zone| pick(&|z| z == zone))
+}
+
+/// A pool's servers from its entries: an IP entry as it is, a host-name entry as the
+/// addresses `resolved` gives for it (by entry index). Each server keeps the live state of
+/// the server in `old` with the same address and zone; a new one starts healthy.
+pub fn build_servers(
+    specs: &[crate::config::ServerSpec],
+    resolved: &dyn Fn(usize) -> Vec<std::net::SocketAddr>,
+    old: &[std::sync::Arc<crate::config::Upstream>],
+) -> Vec<std::sync::Arc<crate::config::Upstream>> {
+    let mut out: Vec<std::sync::Arc<crate::config::Upstream>> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let addrs = match spec.socket {
+            Some(a) => vec![a],
+            None => resolved(i),
+        };
+        for a in addrs {
+            // Two names may resolve to one address: one server.
+            if out.iter().any(|u| u.socket == a) {
+                continue;
+            }
+            let state = old
+                .iter()
+                .find(|u| u.socket == a && u.zone == spec.zone)
+                .map(|u| u.state.clone())
+                .unwrap_or_default();
+            out.push(std::sync::Arc::new(crate::config::Upstream::new(
+                spec, a, state,
+            )));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -382,3 +382,89 @@ fn traffic_moves_back_to_the_local_zone_after_healthy_after_good_probes() {
     }
     assert_eq!(back.requests().len(), 5);
 }
+
+/// Which of `fakes` received requests whose path contains `needle`.
+fn receivers(fakes: &[&FakeOdoo], needle: &str) -> Vec<usize> {
+    fakes
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.requests().iter().any(|r| r.path.contains(needle)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn session_affinity_keeps_each_session_on_one_server_and_yields_to_health() {
+    let f: Vec<FakeOdoo> = (0..3).map(|_| FakeOdoo::start()).collect();
+    let fakes: Vec<&FakeOdoo> = f.iter().collect();
+    let list: Vec<String> = f.iter().map(|x| server(x.web_addr(), "a", "")).collect();
+    let cfg = config(&list.join(", "), r#"affinity = "cookie:session_id""#);
+    let gw = Erpgate::start(&cfg);
+    let replica = Erpgate::start(&cfg);
+
+    // Each session, three requests, through either replica: one server.
+    for sid in 0..24 {
+        for (i, gate) in [&gw, &replica, &gw].iter().enumerate() {
+            let cookie = format!("frontend_lang=en_US; session_id=s{sid:04}");
+            let path = format!("/odoo?sid={sid:04}&i={i}");
+            let r = request(gate.http, "GET", &path, &[("Cookie", &cookie)], None);
+            assert_eq!(r.status, 200);
+        }
+        let got = receivers(&fakes, &format!("sid={sid:04}&"));
+        assert_eq!(got.len(), 1, "session {sid} reached servers {got:?}");
+    }
+    assert!(
+        f.iter().all(|x| !x.requests().is_empty()),
+        "sessions spread over every server"
+    );
+
+    // A new session is pinned to the server that created it.
+    let login = get(gw.http, "/web/login");
+    let pin = login
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .find_map(|(_, v)| v.strip_prefix("erpgate_affinity="))
+        .and_then(|v| v.split(';').next())
+        .expect("erpgate_affinity cookie")
+        .to_string();
+    let born = receivers(&fakes, "/web/login");
+    assert_eq!(born.len(), 1);
+    let cookie =
+        format!("session_id=0123456789abcdef0123456789abcdef01234567; erpgate_affinity={pin}");
+    for i in 0..6 {
+        let gate = if i % 2 == 0 { &gw } else { &replica };
+        let path = format!("/web/action?pinned={i}");
+        let r = request(gate.http, "GET", &path, &[("Cookie", &cookie)], None);
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(receivers(&fakes, "pinned="), born);
+
+    // That server dies: its users move to a healthy one (and stay there); nobody fails.
+    let mut f = f;
+    drop(f.remove(born[0]));
+    let fakes: Vec<&FakeOdoo> = f.iter().collect();
+    for i in 0..6 {
+        let path = format!("/web/action?moved={i}");
+        let r = request(gw.http, "GET", &path, &[("Cookie", &cookie)], None);
+        assert_eq!(r.status, 200, "{}", r.body_str());
+    }
+    assert_eq!(receivers(&fakes, "moved=").len(), 1);
+}
+
+#[test]
+fn servers_given_by_host_name_are_resolved() {
+    let odoo = FakeOdoo::start();
+    let name = format!("localhost:{}", odoo.web_addr().port());
+    let servers = format!(r#"{{ address = "{name}", zone = "a" }}"#);
+    let gw = Erpgate::start(&config(&servers, r#"resolve_interval = "200ms""#));
+    for i in 0..5 {
+        let r = get(gw.http, &format!("/odoo?i={i}"));
+        assert_eq!(r.status, 200, "{}", r.body_str());
+    }
+    assert_eq!(odoo.requests().len(), 5);
+    // The pool lists what the name resolved to, and the name it came from.
+    let (_, body) = support::erpgate::admin_get(gw.admin, "/config").expect("admin");
+    assert!(body.contains("\"address\":\"127.0.0.1:"), "{body}");
+    assert!(body.contains(&format!("\"from\":\"{name}\"")), "{body}");
+}

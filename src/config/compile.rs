@@ -402,19 +402,18 @@ impl Compiler<'_> {
                         if let (Some(u), Some(zone)) =
                             (self.upstream(&addr, &format!("{spath}.address")), zone)
                         {
-                            if servers.iter().any(|o: &Upstream| o.address == u.0) {
+                            if servers.iter().any(|o: &ServerSpec| o.address == u.0) {
                                 self.error(
                                     &addr,
                                     &format!("{spath}.address"),
                                     format!("`{}` is listed twice in this pool", u.0),
                                 );
                             }
-                            servers.push(Upstream {
+                            servers.push(ServerSpec {
                                 address: u.0,
                                 socket: u.1,
                                 zone,
                                 drain: s.drain.unwrap_or(false),
-                                state: Default::default(),
                             });
                         }
                     }
@@ -479,10 +478,24 @@ impl Compiler<'_> {
                     crate::config::DEFAULT_MAX_ATTEMPTS
                 }
             };
+            let resolve_interval = pool
+                .resolve_interval
+                .as_ref()
+                .and_then(|d| self.duration(d, &format!("{path}.resolve_interval")))
+                .unwrap_or(DEFAULT_RESOLVE_INTERVAL);
+            let affinity = pool
+                .affinity
+                .as_ref()
+                .and_then(|a| self.affinity(a, &format!("{path}.affinity")));
+            let initial = crate::upstream::build_servers(&servers, &|_| Vec::new(), &[]);
             out.push(Pool {
                 name: pname,
                 max_attempts,
-                servers,
+                resolve_failing: servers.iter().map(|_| Default::default()).collect(),
+                specs: servers,
+                servers: arc_swap::ArcSwap::from_pointee(initial),
+                resolve_interval,
+                affinity,
                 next: AtomicUsize::new(0),
                 balance,
                 failover_zones,
@@ -494,6 +507,26 @@ impl Compiler<'_> {
             self.error_at(all_span.start, "pools", "at least one pool is needed");
         }
         out
+    }
+
+    /// `cookie:NAME`: the cookie whose value keys session affinity.
+    fn affinity(&mut self, s: &Str, path: &str) -> Option<String> {
+        let v = s.get_ref().trim();
+        match v.strip_prefix("cookie:") {
+            Some(name) if !name.is_empty() && name.bytes().all(is_cookie_name_byte) => {
+                Some(name.to_string())
+            }
+            _ => {
+                self.error(
+                    s,
+                    path,
+                    format!(
+                        "`{v}` is not `cookie:NAME` (Odoo's session cookie: \"cookie:session_id\")"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// `host:port` where host is an IP literal (IPv6 in brackets) or a DNS name.
@@ -1034,3 +1067,8 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests;
+
+/// A byte of an RFC 6265 cookie name (an HTTP token).
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}

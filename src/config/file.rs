@@ -69,6 +69,8 @@ pub struct Pool {
     pub failover_zones: Option<Vec<Str>>,
     pub host: Option<Str>,
     pub max_attempts: Option<Spanned<i64>>,
+    pub resolve_interval: Option<Str>,
+    pub affinity: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -100,21 +100,28 @@ impl Config {
             }
         }
         for pool in &mut self.pools {
-            if let Some(prev) = old.pools.iter().find(|p| p.name == pool.name) {
-                pool.next.store(
-                    prev.next.load(std::sync::atomic::Ordering::Relaxed),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                for server in &mut pool.servers {
-                    if let Some(was) = prev
-                        .servers
-                        .iter()
-                        .find(|s| s.address == server.address && s.zone == server.zone)
-                    {
-                        server.state = was.state.clone();
-                    }
-                }
-            }
+            let Some(prev) = old.pools.iter().find(|p| p.name == pool.name) else {
+                continue;
+            };
+            pool.next.store(
+                prev.next.load(std::sync::atomic::Ordering::Relaxed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            // Every server keeps its live state; a host-name entry that is still there keeps
+            // its last answer until the next lookup.
+            let was = prev.servers.load();
+            let specs = &pool.specs;
+            let servers = crate::upstream::build_servers(
+                specs,
+                &|i| {
+                    was.iter()
+                        .filter(|u| u.from == specs[i].address && u.zone == specs[i].zone)
+                        .map(|u| u.socket)
+                        .collect()
+                },
+                &was,
+            );
+            pool.servers.store(std::sync::Arc::new(servers));
         }
     }
 }
@@ -164,7 +171,12 @@ pub struct LogSettings {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
-    pub servers: Vec<Upstream>,
+    /// The servers as written in the file.
+    pub specs: Vec<ServerSpec>,
+    /// The servers requests go to now: one per IP entry, one per address a host name
+    /// resolves to. Replaced whole when a name resolves differently; a request reads one
+    /// snapshot.
+    pub servers: arc_swap::ArcSwap<Vec<std::sync::Arc<Upstream>>>,
     /// Round-robin cursor.
     pub next: AtomicUsize,
     pub balance: crate::upstream::Balance,
@@ -172,29 +184,80 @@ pub struct Pool {
     /// (empty: any other zone).
     pub failover_zones: Vec<String>,
     pub health: crate::upstream::HealthCheck,
-    /// `Host` sent with health checks (default: the server's address).
+    /// `Host` sent with health checks (default: the server's address as written).
     pub host: Option<String>,
     /// Most servers one request is tried on (connect failures, and retries of GET/HEAD
     /// where the class allows them).
     pub max_attempts: usize,
+    /// How often host names are looked up again.
+    pub resolve_interval: Duration,
+    /// Session affinity: the cookie whose value picks the server.
+    pub affinity: Option<String>,
+    /// Per entry of `specs`: its last lookup failed (failures are logged when they start).
+    pub resolve_failing: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// Default `max_attempts`: the first server and two more.
 pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 /// Largest `max_attempts` (Pingora's own cap on tries per request is set to it).
 pub const MAX_ATTEMPTS_LIMIT: usize = 16;
+/// Default `resolve_interval`.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    /// `host:port` as written in the file.
+impl Pool {
+    /// Whether any server is given by host name (and so needs resolving).
+    pub fn has_host_names(&self) -> bool {
+        self.specs.iter().any(|s| s.socket.is_none())
+    }
+}
+
+/// One `servers` entry of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// `host:port` as written in the file (host names lowercased).
     pub address: String,
-    /// Set when the host is an IP literal; host names are resolved when used.
+    /// Set when the host is an IP literal; host names are resolved by the DNS refresh.
     pub socket: Option<SocketAddr>,
     pub zone: String,
     /// No new requests or sockets; those in flight finish.
     pub drain: bool,
-    /// Health and open connections, shared with the health checker; carried over a reload.
+}
+
+/// One Odoo server requests go to.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `ip:port`.
+    pub address: String,
+    pub socket: SocketAddr,
+    /// The entry it comes from, as written (a host name, or the same IP address).
+    pub from: String,
+    pub zone: String,
+    /// No new requests or sockets; those in flight finish.
+    pub drain: bool,
+    /// Stable across processes and restarts (a hash of `address`): affinity keys on it.
+    pub id: u64,
+    /// Health and open connections, shared with the health checker; carried over a reload
+    /// and a new DNS answer for the same address and zone.
     pub state: std::sync::Arc<crate::upstream::ServerState>,
+}
+
+impl Upstream {
+    pub fn new(
+        spec: &ServerSpec,
+        socket: SocketAddr,
+        state: std::sync::Arc<crate::upstream::ServerState>,
+    ) -> Upstream {
+        let address = socket.to_string();
+        Upstream {
+            id: crate::upstream::server_id(&address),
+            address,
+            socket,
+            from: spec.address.clone(),
+            zone: spec.zone.clone(),
+            drain: spec.drain,
+            state,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -103,6 +103,7 @@ pub fn reload(path: &Path, store: &ArcSwap<Config>, stats: &ReloadStats, why: &s
                 );
             }
             new.adopt_state(&old);
+            crate::dns::resolve_blocking(&new);
             store.store(Arc::new(new));
             stats.ok.fetch_add(1, Ordering::Relaxed);
             tracing::info!(file = %path.display(), reason = why, "config reloaded");

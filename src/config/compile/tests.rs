@@ -27,11 +27,16 @@ fn has(errs: &[String], needle: &str) -> bool {
 fn minimal_config_compiles_with_defaults() {
     let cfg = parse(MINIMAL, "t.toml", None).expect("valid");
     assert_eq!(cfg.network.zone, "local");
-    assert_eq!(cfg.pools[0].servers[0].zone, "local");
+    assert_eq!(cfg.pools[0].specs[0].zone, "local");
     assert_eq!(
-        cfg.pools[0].servers[0].socket,
+        cfg.pools[0].specs[0].socket,
         Some("127.0.0.1:8069".parse().expect("addr"))
     );
+    let servers = cfg.pools[0].servers.load();
+    assert_eq!(servers[0].address, "127.0.0.1:8069");
+    assert_eq!(servers[0].from, "127.0.0.1:8069");
+    assert_eq!(cfg.pools[0].resolve_interval, DEFAULT_RESOLVE_INTERVAL);
+    assert_eq!(cfg.pools[0].affinity, None);
     let c = &cfg.classes[0];
     assert!(c.alternatives.is_empty());
     assert_eq!(c.max_body, Some(DEFAULT_MAX_BODY));
@@ -50,8 +55,11 @@ fn zone_override_wins() {
 fn host_names_are_kept_for_resolution() {
     let t = MINIMAL.replace("127.0.0.1:8069", "odoo-web.odoo.svc:8069");
     let cfg = parse(&t, "t.toml", None).expect("valid");
-    assert_eq!(cfg.pools[0].servers[0].address, "odoo-web.odoo.svc:8069");
-    assert_eq!(cfg.pools[0].servers[0].socket, None);
+    assert_eq!(cfg.pools[0].specs[0].address, "odoo-web.odoo.svc:8069");
+    assert_eq!(cfg.pools[0].specs[0].socket, None);
+    // Resolved later (DNS refresh), not while compiling.
+    assert!(cfg.pools[0].servers.load().is_empty());
+    assert!(cfg.pools[0].has_host_names());
 }
 
 #[test]
@@ -443,7 +451,8 @@ health_check = { tcp = true, interval = "1s", timeout = "300ms", healthy_after =
     assert_eq!(p.health.path, None);
     assert_eq!(p.health.interval, std::time::Duration::from_secs(1));
     assert_eq!((p.health.healthy_after, p.health.unhealthy_after), (1, 5));
-    assert!(p.servers[0].drain);
+    assert!(p.specs[0].drain);
+    assert!(p.servers.load()[0].drain);
     // Defaults fit Odoo's HTTP workers.
     let d = &parse(MINIMAL, "t.toml", None).expect("valid").pools[0];
     assert_eq!(d.balance, Balance::RoundRobin);
@@ -492,4 +501,31 @@ fn retries_are_off_and_attempts_bounded_by_default_and_checked() {
             "{errs:#?}"
         );
     }
+}
+
+#[test]
+fn affinity_and_resolve_interval_are_compiled_and_checked() {
+    let t = MINIMAL.replace(
+        "servers = [{",
+        "affinity = \"cookie:session_id\"\nresolve_interval = \"30s\"\nservers = [{",
+    );
+    let cfg = parse(&t, "t.toml", None).expect("valid");
+    assert_eq!(cfg.pools[0].affinity.as_deref(), Some("session_id"));
+    assert_eq!(cfg.pools[0].resolve_interval, Duration::from_secs(30));
+    let bad = t
+        .replace("cookie:session_id", "session_id")
+        .replace("\"30s\"", "\"soon\"");
+    let errs = errors(&bad);
+    assert!(
+        has(
+            &errs,
+            "t.toml:6:12: pools.web.affinity: `session_id` is not `cookie:NAME`"
+        ),
+        "{errs:#?}"
+    );
+    assert!(has(&errs, "pools.web.resolve_interval:"), "{errs:#?}");
+    assert!(has(
+        &errors(&t.replace("cookie:session_id", "cookie:a b")),
+        "pools.web.affinity"
+    ));
 }
