@@ -468,3 +468,64 @@ fn servers_given_by_host_name_are_resolved() {
     assert!(body.contains("\"address\":\"127.0.0.1:"), "{body}");
     assert!(body.contains(&format!("\"from\":\"{name}\"")), "{body}");
 }
+
+#[test]
+fn stopping_the_local_zone_under_a_steady_request_loop_fails_no_get() {
+    let local = FakeOdoo::start();
+    let remote = FakeOdoo::start();
+    let servers = format!(
+        "{}, {}",
+        server(local.web_addr(), "a", ""),
+        server(remote.web_addr(), "b", "")
+    );
+    // GETs of this class may be tried again: one cut off when its server stops goes to the
+    // other zone instead of failing.
+    let cfg = config(&servers, "")
+        .replace("interval = \"200ms\"", "interval = \"1s\"")
+        .replace("pool = \"web\"", "pool = \"web\"\nretry_idempotent = true");
+    let gw = Erpgate::start(&cfg);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, stop) = (gw.http, stop.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    codes.push(get(addr, &format!("/slow?ms=20&t={t}&i={i}")).status);
+                    i += 1;
+                }
+                codes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = local.requests().len();
+    assert!(before > 0, "the local zone served first");
+    assert_eq!(remote.requests().len(), 0);
+    drop(local);
+    let stopped = std::time::Instant::now();
+    // Within one health interval the other zone carries the load.
+    while remote.requests().len() < 20 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(1),
+            "traffic did not move within one health interval"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes: Vec<u16> = loops
+        .into_iter()
+        .flat_map(|l| l.join().expect("loop"))
+        .collect();
+    assert!(codes.len() > 40, "{}", codes.len());
+    let failed: Vec<_> = codes.iter().filter(|c| **c != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        codes.len()
+    );
+    // Requests were cut mid-flight by the stop (four loops, 20 ms each) and went again.
+    assert!(gw.log().contains("retry: true"), "{}", gw.log());
+}
