@@ -16,5 +16,6 @@ pub mod jsonrpc;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod xmlrpc;

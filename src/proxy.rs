@@ -178,6 +178,36 @@ fn head_size(req: &RequestHeader) -> usize {
     req.raw_path().len() + headers
 }
 
+/// Whether the connection presented a client certificate. rustls checked it against
+/// `[tls] client_ca` during the handshake (a certificate that does not chain to it fails the
+/// handshake), so presented means verified.
+fn has_client_cert(session: &Session) -> bool {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some_and(|t| !t.cert_digest.is_empty())
+}
+
+/// `https://HOST[:port]/path?query` for a plain-HTTP request, from its `Host` (or absolute
+/// URI); `None` when it names no valid host.
+fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
+    let host = match req.headers.get(header::HOST) {
+        Some(h) => h.to_str().ok()?.to_string(),
+        None => req.uri.authority()?.as_str().to_string(),
+    };
+    let authority: http::uri::Authority = host.trim().parse().ok()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let name = authority.host();
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(if port == 443 {
+        format!("https://{name}{target}")
+    } else {
+        format!("https://{name}:{port}{target}")
+    })
+}
+
 /// Writes a short plain-text answer of erpgate's own.
 async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
     respond_with(session, ctx, code, close, &[]).await
@@ -236,7 +266,13 @@ fn add_security_headers(
     resp: &mut ResponseHeader,
     h: &crate::config::SecurityHeaders,
     https: bool,
+    default_hsts: Option<&http::HeaderValue>,
 ) -> Result<()> {
+    if https && h.hsts.is_none() {
+        if let Some(v) = default_hsts {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+        }
+    }
     if h.is_empty() {
         return Ok(());
     }
@@ -525,6 +561,20 @@ impl ProxyHttp for ErpGate {
             respond(session, ctx, 431, true).await?;
             return Ok(true);
         }
+        if let Some(t) = cfg
+            .tls
+            .as_ref()
+            .filter(|t| !ctx.https && t.redirects(req.uri.path()))
+        {
+            let Some(location) = https_location(req, t.redirect_port) else {
+                ctx.decision = "bad_host";
+                respond(session, ctx, 400, true).await?;
+                return Ok(true);
+            };
+            ctx.decision = "redirect_https";
+            respond_with(session, ctx, 308, false, &[("location", location)]).await?;
+            return Ok(true);
+        }
         // The body decides the class (a JSON-RPC `db` call is admin): read its start.
         let mut prefix = None;
         let mut scanner = None;
@@ -555,6 +605,11 @@ impl ProxyHttp for ErpGate {
         };
         if !class.allows(client) {
             ctx.decision = "denied_ip";
+            respond(session, ctx, 403, false).await?;
+            return Ok(true);
+        }
+        if class.require_client_cert && !has_client_cert(session) {
+            ctx.decision = "no_client_cert";
             respond(session, ctx, 403, false).await?;
             return Ok(true);
         }
@@ -821,7 +876,8 @@ impl ProxyHttp for ErpGate {
                     resp.append_header(header::SET_COOKIE, pin)?;
                 }
             }
-            add_security_headers(resp, &class.security_headers, ctx.https)?;
+            let default_hsts = ctx.cfg.tls.as_ref().and_then(|t| t.hsts.as_ref());
+            add_security_headers(resp, &class.security_headers, ctx.https, default_hsts)?;
         }
         Ok(())
     }

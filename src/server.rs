@@ -4,6 +4,7 @@
 use crate::admin::AdminApp;
 use crate::config::{Config, LogFormat, LogSettings};
 use crate::proxy::ErpGate;
+use crate::tls::{CertSet, Resolver};
 use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
 use pingora::proxy::http_proxy_service_with_name;
@@ -41,7 +42,7 @@ fn server_conf(cfg: &Config) -> ServerConf {
         grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout.as_secs().max(1)),
         pid_file: tmp.join("erpgate.pid").display().to_string(),
-        upgrade_sock: tmp.join("erpgate_upgrade.sock").display().to_string(),
+        upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
         // Tries per request; each pool's `max_attempts` bounds them further.
         max_retries: crate::config::MAX_ATTEMPTS_LIMIT,
         ..ServerConf::default()
@@ -58,6 +59,7 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
         .http
         .iter()
         .map(|a| ("listen.http", a))
+        .chain(cfg.listen.https.iter().map(|a| ("listen.https", a)))
         .chain(cfg.listen.admin.iter().map(|a| ("listen.admin", a)));
     for (key, addr) in addrs {
         let bind = || -> std::io::Result<()> {
@@ -71,18 +73,57 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// No per-handshake callbacks: erpgate reads what it needs from the session's TLS digest.
+struct NoCallbacks;
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for NoCallbacks {}
+
 /// Runs erpgate until it is stopped by a signal. Never returns.
 pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let conf = server_conf(&cfg);
     let http = cfg.listen.http.clone();
+    let https = cfg.listen.https.clone();
     let admin = cfg.listen.admin;
+    let resolver = cfg.tls.as_ref().map(|t| {
+        Arc::new(Resolver::new(
+            CertSet::new(t.certificates.clone()),
+            t.tls13_only,
+        ))
+    });
+    let client_ca = cfg.tls.as_ref().and_then(|t| t.client_ca.clone());
     crate::dns::resolve_blocking(&cfg);
     let store = Arc::new(ArcSwap::from_pointee(cfg));
     let stats = Arc::new(crate::config::reload::ReloadStats::default());
-    if let Err(e) = crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats) {
+    let on_swap: crate::config::reload::OnSwap = {
+        let resolver = resolver.clone();
+        Box::new(move |cfg: &Config| {
+            if let (Some(r), Some(t)) = (&resolver, &cfg.tls) {
+                r.set.store(Arc::new(CertSet::new(t.certificates.clone())));
+                r.tls13_only
+                    .store(t.tls13_only, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    if let Err(e) = crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats, on_swap)
+    {
         tracing::error!(
             "config reload is off (no file watch or SIGHUP): {e}; restart to change the config"
         );
+    }
+    if let Some(r) = &resolver {
+        let live = store.clone();
+        let files = move || {
+            live.load()
+                .tls
+                .as_ref()
+                .map(|t| t.files())
+                .unwrap_or_default()
+        };
+        let cert_stats = Arc::new(crate::tls::CertStats::default());
+        if let Err(e) = crate::tls::spawn_cert_watch(r.clone(), files, cert_stats) {
+            tracing::error!("certificate reload is off: {e}; reload the config to renew");
+        }
     }
 
     let opt = Opt {
@@ -100,6 +141,29 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     for addr in &http {
         proxy.add_tcp(&addr.to_string());
     }
+    if let Some(resolver) = &resolver {
+        for addr in &https {
+            let mut settings =
+                match pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(NoCallbacks)) {
+                    Ok(s) => s,
+                    Err(e) => fail_start(&format!("TLS listener {addr}: {e}")),
+                };
+            settings.set_cert_resolver(resolver.clone());
+            if let Some((_, roots)) = &client_ca {
+                match crate::tls::client_verifier(roots.clone()) {
+                    Ok(v) => settings.set_client_cert_verifier(v),
+                    Err(e) => fail_start(&e),
+                }
+            }
+            settings.enable_h2();
+            proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        }
+        proxy
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(crate::tls::VersionGate {
+                resolver: resolver.clone(),
+            }));
+    }
     server.add_service(proxy);
 
     if let Some(addr) = admin {
@@ -110,6 +174,12 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);
     }
-    tracing::info!(listen = ?http, admin = ?admin, "erpgate starting");
+    tracing::info!(listen = ?http, https = ?https, admin = ?admin, "erpgate starting");
     server.run_forever()
+}
+
+fn fail_start(why: &str) -> ! {
+    tracing::error!("erpgate: not started: {why}");
+    eprintln!("erpgate: not started: {why}");
+    std::process::exit(70)
 }

@@ -104,6 +104,19 @@ impl Compiler<'_> {
         let log = self.log(f.log);
         let pools = self.pools(f.pools, &network.zone);
         let classes = self.classes(f.class, &pools);
+        let tls = self.tls(f.tls, listen.as_ref());
+        if tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            if let Some(c) = classes.iter().find(|c| c.require_client_cert) {
+                self.error_at(
+                    0,
+                    "tls.client_ca",
+                    format!(
+                        "class `{}` has `require_client_cert = true`: [tls] client_ca is needed",
+                        c.name
+                    ),
+                );
+            }
+        }
         let audit_path = f.audit.and_then(|a| a.path).and_then(|p| {
             if p.get_ref().trim().is_empty() {
                 self.error(&p, "audit.path", "must name a file");
@@ -128,6 +141,7 @@ impl Compiler<'_> {
             pools,
             classes,
             audit_path,
+            tls,
         })
     }
 
@@ -142,27 +156,35 @@ impl Compiler<'_> {
         };
         let span = l.span();
         let l = l.into_inner();
-        let mut http = Vec::new();
-        match l.http {
-            Some(list) if !list.get_ref().is_empty() => {
+        let mut addrs = |list: Option<Spanned<Vec<Str>>>, key: &str| {
+            let mut out = Vec::new();
+            if let Some(list) = list {
+                if list.get_ref().is_empty() {
+                    self.error(&list, key, "needs at least one address (or leave it out)");
+                }
                 for (i, a) in list.into_inner().into_iter().enumerate() {
-                    if let Some(addr) = self.socket_addr(&a, &format!("listen.http[{i}]")) {
-                        http.push(addr);
+                    if let Some(addr) = self.socket_addr(&a, &format!("{key}[{i}]")) {
+                        out.push(addr);
                     }
                 }
             }
-            Some(list) => self.error(&list, "listen.http", "needs at least one address"),
-            None => self.error_at(
+            out
+        };
+        let (had_http, had_https) = (l.http.is_some(), l.https.is_some());
+        let http = addrs(l.http, "listen.http");
+        let https = addrs(l.https, "listen.https");
+        if !had_http && !had_https {
+            self.error_at(
                 span.start,
                 "listen.http",
-                "missing key: at least one address to listen on",
-            ),
+                "missing key: at least one address to listen on (`http` or `https`)",
+            );
         }
         let admin = l
             .admin
             .as_ref()
             .and_then(|a| self.socket_addr(a, "listen.admin"));
-        Some(Listen { http, admin })
+        Some(Listen { http, https, admin })
     }
 
     fn socket_addr(&mut self, s: &Str, path: &str) -> Option<SocketAddr> {
@@ -260,6 +282,11 @@ impl Compiler<'_> {
                 "server.shutdown_timeout",
                 Duration::from_secs(5),
             ),
+            upgrade_sock: s
+                .upgrade_sock
+                .as_ref()
+                .map(|p| std::path::PathBuf::from(p.get_ref()))
+                .unwrap_or_else(|| std::env::temp_dir().join("erpgate_upgrade.sock")),
             max_request_header: match &s.max_request_header {
                 Some(v) => match self.size(v, "server.max_request_header") {
                     Some(n) if (1024..=1024 * 1024).contains(&n) => n as usize,
@@ -509,6 +536,114 @@ impl Compiler<'_> {
         out
     }
 
+    fn tls(&mut self, t: Option<Spanned<file::Tls>>, listen: Option<&Listen>) -> Option<Tls> {
+        let https = listen.is_some_and(|l| !l.https.is_empty());
+        let Some(t) = t else {
+            if https {
+                self.error_at(
+                    0,
+                    "tls",
+                    "`listen.https` needs a [tls] section with certificates",
+                );
+            }
+            return None;
+        };
+        let span = t.span();
+        let t = t.into_inner();
+        let mut certificates = Vec::new();
+        match t.certificates {
+            Some(list) if !list.get_ref().is_empty() => {
+                for (i, e) in list.into_inner().into_iter().enumerate() {
+                    let path = format!("tls.certificates[{i}]");
+                    let espan = e.span();
+                    let e = e.into_inner();
+                    let (Some(cert), Some(key)) = (e.cert, e.key) else {
+                        self.error_at(espan.start, &path, "needs both `cert` and `key` files");
+                        continue;
+                    };
+                    let (cp, kp) = (
+                        std::path::PathBuf::from(cert.get_ref()),
+                        std::path::PathBuf::from(key.get_ref()),
+                    );
+                    match crate::tls::load_pair(&cp, &kp) {
+                        Ok(l) => certificates.push(l),
+                        Err(e) => self.error(&cert, &format!("{path}.cert"), e),
+                    }
+                }
+            }
+            _ => self.error_at(
+                span.start,
+                "tls.certificates",
+                "missing key: at least one { cert = FILE, key = FILE }",
+            ),
+        }
+        let tls13_only = match t.min_version.as_ref().map(|v| (v, v.get_ref().trim())) {
+            None | Some((_, "1.2")) => false,
+            Some((_, "1.3")) => true,
+            Some((v, other)) => {
+                self.error(
+                    v,
+                    "tls.min_version",
+                    format!(
+                        "`{other}` is not \"1.2\" or \"1.3\" (older versions are never offered)"
+                    ),
+                );
+                false
+            }
+        };
+        let redirect_port = match &t.redirect_port {
+            None => 443,
+            Some(p) if (1..=65535).contains(p.get_ref()) => *p.get_ref() as u16,
+            Some(p) => {
+                self.error(p, "tls.redirect_port", "must be between 1 and 65535");
+                443
+            }
+        };
+        let mut redirect_exempt = Vec::new();
+        for (i, p) in t.redirect_exempt.iter().flatten().enumerate() {
+            if p.get_ref().starts_with('/') {
+                redirect_exempt.push(p.get_ref().clone());
+            } else {
+                self.error(
+                    p,
+                    &format!("tls.redirect_exempt[{i}]"),
+                    "a path prefix starts with `/`",
+                );
+            }
+        }
+        if t.redirect_exempt.is_none() {
+            redirect_exempt.push("/web/health".to_string());
+        }
+        let hsts = self
+            .security_headers(
+                &file::SecurityHeaders {
+                    hsts: t.hsts.clone(),
+                    ..Default::default()
+                },
+                "tls",
+            )
+            .hsts;
+        let client_ca = t.client_ca.as_ref().and_then(|c| {
+            let path = std::path::PathBuf::from(c.get_ref());
+            match crate::tls::load_roots(&path) {
+                Ok(roots) => Some((path, std::sync::Arc::new(roots))),
+                Err(e) => {
+                    self.error(c, "tls.client_ca", e);
+                    None
+                }
+            }
+        });
+        Some(Tls {
+            certificates,
+            tls13_only,
+            redirect_http: t.redirect_http.unwrap_or(false),
+            redirect_port,
+            redirect_exempt,
+            hsts,
+            client_ca,
+        })
+    }
+
     /// `cookie:NAME`: the cookie whose value keys session affinity.
     fn affinity(&mut self, s: &Str, path: &str) -> Option<String> {
         let v = s.get_ref().trim();
@@ -741,6 +876,7 @@ impl Compiler<'_> {
                     rate_limit,
                     security_headers,
                     retry_idempotent: c.retry_idempotent.unwrap_or(false),
+                    require_client_cert: c.require_client_cert.unwrap_or(false),
                 });
             }
         }

@@ -21,13 +21,34 @@ pub struct File {
     pub log: Option<Log>,
     pub pools: Option<Spanned<Named<Spanned<Pool>>>>,
     pub audit: Option<Audit>,
+    pub tls: Option<Spanned<Tls>>,
     pub class: Option<Vec<Spanned<Class>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub certificates: Option<Spanned<Vec<Spanned<CertEntry>>>>,
+    pub min_version: Option<Str>,
+    pub redirect_http: Option<bool>,
+    pub redirect_port: Option<Spanned<i64>>,
+    pub redirect_exempt: Option<Vec<Str>>,
+    pub hsts: Option<Str>,
+    pub client_ca: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertEntry {
+    pub cert: Option<Str>,
+    pub key: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub http: Option<Spanned<Vec<Str>>>,
+    pub https: Option<Spanned<Vec<Str>>>,
     pub admin: Option<Str>,
 }
 
@@ -44,6 +65,7 @@ pub struct Server {
     pub threads: Option<Spanned<i64>>,
     pub grace_period: Option<Str>,
     pub shutdown_timeout: Option<Str>,
+    pub upgrade_sock: Option<Str>,
     pub max_request_header: Option<Str>,
 }
 
@@ -108,6 +130,7 @@ pub struct Class {
     pub rate_limit: Option<Spanned<RateLimit>>,
     pub security_headers: Option<Spanned<SecurityHeaders>>,
     pub retry_idempotent: Option<bool>,
+    pub require_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

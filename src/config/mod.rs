@@ -80,6 +80,40 @@ pub struct Config {
     pub classes: Vec<Class>,
     /// Where audited classes' requests are appended as JSON lines.
     pub audit_path: Option<std::path::PathBuf>,
+    pub tls: Option<Tls>,
+}
+
+/// `[tls]`: certificates and HTTPS behaviour.
+#[derive(Debug)]
+pub struct Tls {
+    /// The first one is served to clients without SNI or with an unknown name.
+    pub certificates: Vec<crate::tls::Loaded>,
+    /// `min_version = "1.3"`.
+    pub tls13_only: bool,
+    /// Plain-HTTP requests get a 308 to HTTPS.
+    pub redirect_http: bool,
+    /// The port of redirect targets (443: none in the URL).
+    pub redirect_port: u16,
+    /// Path prefixes never redirected (a load balancer's health probe).
+    pub redirect_exempt: Vec<String>,
+    /// `Strict-Transport-Security` for HTTPS answers of classes that set none.
+    pub hsts: Option<http::HeaderValue>,
+    /// CA for client certificates (`require_client_cert` classes).
+    pub client_ca: Option<(std::path::PathBuf, std::sync::Arc<rustls::RootCertStore>)>,
+}
+
+impl Tls {
+    /// Whether a plain-HTTP request for `path` is sent to HTTPS.
+    pub fn redirects(&self, path: &str) -> bool {
+        self.redirect_http && !self.redirect_exempt.iter().any(|p| path.starts_with(p))
+    }
+    /// The certificate and key files, for the renewal watch.
+    pub fn files(&self) -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+        self.certificates
+            .iter()
+            .map(|l| (l.cert_path.clone(), l.key_path.clone()))
+            .collect()
+    }
 }
 
 impl Config {
@@ -129,6 +163,7 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -152,6 +187,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     /// After the grace period: how long runtimes get to stop.
     pub shutdown_timeout: Duration,
+    /// The socket a new erpgate (`run --upgrade`) takes the listeners over through.
+    pub upgrade_sock: std::path::PathBuf,
     /// Largest request head (request line and headers) accepted; beyond it: 431.
     pub max_request_header: usize,
 }
@@ -282,6 +319,9 @@ pub struct Class {
     /// A GET or HEAD whose server failed after it was sent (reset, closed, read timeout)
     /// before any response reached the client is tried again on another server.
     pub retry_idempotent: bool,
+    /// Requests over a connection without a client certificate from `[tls] client_ca` get
+    /// 403.
+    pub require_client_cert: bool,
 }
 
 /// Response headers added to a class's answers (`security_headers`).

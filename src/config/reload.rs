@@ -27,12 +27,16 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
 }
 
+/// Called with each config taken, after it serves (the TLS listeners' certificates follow it).
+pub type OnSwap = Box<dyn Fn(&Config) + Send>;
+
 /// Starts watching `path` and listening for SIGHUP. Returns once both are in place, so a
 /// SIGHUP sent after this returns is never the default one (which ends the process).
 pub fn spawn(
     path: PathBuf,
     store: Arc<ArcSwap<Config>>,
     stats: Arc<ReloadStats>,
+    on_swap: OnSwap,
 ) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,7 +80,9 @@ pub fn spawn(
                     }
                     seen = now;
                     let why = if forced { "SIGHUP" } else { "file changed" };
-                    reload(&path, &store, &stats, why);
+                    if reload(&path, &store, &stats, why) {
+                        on_swap(&store.load());
+                    }
                 }
             });
         })?;
@@ -141,6 +147,17 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.log != new.log {
         out.push("[log]");
+    }
+    if old.server.upgrade_sock != new.server.upgrade_sock {
+        out.push("server.upgrade_sock");
+    }
+    let ca = |c: &Config| {
+        c.tls
+            .as_ref()
+            .and_then(|t| t.client_ca.as_ref().map(|(p, _)| p.clone()))
+    };
+    if ca(old) != ca(new) || old.tls.is_some() != new.tls.is_some() {
+        out.push("[tls] client_ca, or [tls] added or removed");
     }
     out
 }

@@ -12,7 +12,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_erpgate");
 pub struct Erpgate {
     child: Option<Child>,
     pub http: SocketAddr,
+    /// Listened on when started with `start_tls`.
+    pub https: SocketAddr,
     pub admin: SocketAddr,
+    /// The `[listen]` section written before the test's config.
+    listen: String,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     log_path: PathBuf,
@@ -29,9 +33,53 @@ impl Erpgate {
     }
 
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Erpgate {
+        Self::launch(body, env, false, &[])
+    }
+
+    /// Starts erpgate with an HTTPS listener too (`body` needs a `[tls]` section).
+    pub fn start_tls(body: &str) -> Erpgate {
+        Self::launch(body, &[], true, &[])
+    }
+
+    /// Starts `erpgate run` with more arguments (e.g. `--upgrade`) on the listeners of
+    /// `like`, without waiting for readiness.
+    pub fn start_like(like: &Erpgate, body: &str, args: &[&str]) -> Erpgate {
+        Self::spawn(
+            like.http,
+            like.https,
+            like.admin,
+            like.listen.clone(),
+            body,
+            &[],
+            args,
+        )
+    }
+
+    fn launch(body: &str, env: &[(&str, &str)], tls: bool, args: &[&str]) -> Erpgate {
         let http: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
+        let https: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
-        let config = format!("[listen]\nhttp = [\"{http}\"]\nadmin = \"{admin}\"\n\n{body}");
+        let https_line = if tls {
+            format!("https = [\"{https}\"]\n")
+        } else {
+            String::new()
+        };
+        let listen = format!("[listen]\nhttp = [\"{http}\"]\n{https_line}admin = \"{admin}\"\n\n");
+        let mut g = Self::spawn(http, https, admin, listen, body, env, args);
+        g.wait_ready();
+        g
+    }
+
+    fn spawn(
+        http: SocketAddr,
+        https: SocketAddr,
+        admin: SocketAddr,
+        listen: String,
+        body: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Erpgate {
+        let config = format!("{listen}{body}");
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("erpgate.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -41,6 +89,7 @@ impl Erpgate {
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .env_remove("RUST_LOG")
             .env_remove("ERPGATE_ZONE")
             .stdin(Stdio::null())
@@ -50,19 +99,19 @@ impl Erpgate {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn erpgate");
-        let mut g = Erpgate {
+        Erpgate {
             child: Some(child),
             http,
+            https,
             admin,
+            listen,
             dir,
             config_path,
             log_path,
-        };
-        g.wait_ready();
-        g
+        }
     }
 
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -105,10 +154,7 @@ impl Erpgate {
     /// Replaces the config file the way editors do (a new file renamed over the old one),
     /// keeping the `[listen]` section; erpgate's file watch picks it up.
     pub fn write_config(&self, body: &str) {
-        let config = format!(
-            "[listen]\nhttp = [\"{}\"]\nadmin = \"{}\"\n\n{body}",
-            self.http, self.admin
-        );
+        let config = format!("{}{body}", self.listen);
         let tmp = self.dir.path().join("erpgate.toml.new");
         std::fs::write(&tmp, config).expect("write config");
         std::fs::rename(&tmp, &self.config_path).expect("rename config");
@@ -129,6 +175,31 @@ impl Erpgate {
                 panic!("config not reloaded within 10 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal (`HUP`, `QUIT`, `TERM`) to the process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{name} {}", self.pid());
+    }
+
+    /// Waits for the process to end by itself; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod erpgate;
 pub mod fake_odoo;
+pub mod tls;
 
 #[allow(unused_imports)]
 pub use client::*;
