@@ -100,6 +100,11 @@ async fn probe_and_record(pool: PoolView, server: Arc<Upstream>) {
         Ok(Err(why)) => (false, why),
         Err(_) => (false, format!("no answer within {:?}", check.timeout)),
     };
+    server.state.set_last_probe(crate::upstream::Probe {
+        at: std::time::SystemTime::now(),
+        ok,
+        detail: why.clone(),
+    });
     match server.state.probed(ok, check) {
         Some(true) => tracing::info!(
             pool = %pool.name,

@@ -13,6 +13,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod health;
 pub mod jsonrpc;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;

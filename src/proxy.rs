@@ -116,6 +116,8 @@ pub struct Ctx {
     own_status: Option<u16>,
     /// A JSON-RPC body still being read when the class was chosen (see [`Tail`]).
     tail: Option<Tail>,
+    /// Counted among the open WebSockets (until logging).
+    ws_open: bool,
     /// The client reached us over HTTPS: TLS on our listener, or `X-Forwarded-Proto: https`
     /// from a trusted proxy.
     https: bool,
@@ -206,6 +208,42 @@ fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
     } else {
         format!("https://{name}:{port}{target}")
     })
+}
+
+/// The 503 of a maintenance window: `Retry-After` its end, the operator's page.
+async fn respond_maintenance(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    m: &crate::config::Maintenance,
+    end: Option<i64>,
+    now: i64,
+) -> Result<()> {
+    let retry = end.map_or(crate::config::MAINTENANCE_RETRY_DEFAULT, |e| {
+        (e - now).max(1)
+    });
+    let body = match &m.page {
+        Some(p) => p.clone(),
+        None => {
+            let until = end
+                .and_then(|e| chrono::DateTime::from_timestamp(e, 0))
+                .map(|t| format!(" until {} UTC", t.format("%Y-%m-%d %H:%M")))
+                .unwrap_or_default();
+            Bytes::from(format!(
+                "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\
+                 <body><h1>Odoo is being updated</h1><p>Maintenance{until}. Please come back then.</p></body></html>\n"
+            ))
+        }
+    };
+    let mut resp = ResponseHeader::build(503, Some(6))?;
+    resp.insert_header(header::RETRY_AFTER, retry.to_string())?;
+    resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    ctx.own_status = Some(503);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 /// Writes a short plain-text answer of erpgate's own.
@@ -522,6 +560,7 @@ impl ProxyHttp for ErpGate {
             own_status: None,
             tail: None,
             https: false,
+            ws_open: false,
         }
     }
 
@@ -612,6 +651,16 @@ impl ProxyHttp for ErpGate {
             ctx.decision = "no_client_cert";
             respond(session, ctx, 403, false).await?;
             return Ok(true);
+        }
+        if let Some(m) = cfg.maintenance.as_ref().filter(|_| class.maintenance_block) {
+            let now = chrono::Utc::now().timestamp();
+            if let Some(end) = m.active_at(now) {
+                if !m.allows(client) {
+                    ctx.decision = "maintenance";
+                    respond_maintenance(session, ctx, m, end, now).await?;
+                    return Ok(true);
+                }
+            }
         }
         // An idle client (between body reads, or on an upgraded socket) is cut only after the
         // class's idle timeout, not Pingora's default 60 s.
@@ -862,6 +911,12 @@ impl ProxyHttp for ErpGate {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.ws_open {
+            if let Some(m) = crate::metrics::get() {
+                m.websockets.with_label_values(&[ctx.class_name()]).inc();
+                ctx.ws_open = true;
+            }
+        }
         // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
         if session.req_header().version == http::Version::HTTP_11
             && resp.version == http::Version::HTTP_10
@@ -913,6 +968,7 @@ impl ProxyHttp for ErpGate {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = crate::access::log(session, e, ctx);
+        count_request(ctx, status);
         if let (Some(audit), Some(class)) = (&self.audit, ctx.class(&ctx.cfg)) {
             if class.audit {
                 let req = session.req_header();
@@ -945,6 +1001,52 @@ impl ProxyHttp for ErpGate {
                 });
             }
         }
+    }
+}
+
+/// The request in the metrics: its count and duration, what policy refused, retries,
+/// failovers, the end of a WebSocket.
+fn count_request(ctx: &Ctx, status: u16) {
+    let Some(m) = crate::metrics::get() else {
+        return;
+    };
+    let class = ctx.class_name();
+    let pool = ctx.pool_name();
+    let zone = ctx.server.as_ref().map_or("-", |s| s.zone.as_str());
+    let code = http::StatusCode::from_u16(status).ok();
+    let status = code.as_ref().map_or("0", |c| c.as_str());
+    m.requests
+        .with_label_values(&[class, pool, zone, status])
+        .inc();
+    m.duration
+        .with_label_values(&[class])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    let denied = match ctx.decision {
+        "denied_ip" => Some("ip"),
+        "no_client_cert" => Some("client_cert"),
+        "maintenance" => Some("maintenance"),
+        "over_capacity" => Some("capacity"),
+        "body_too_large" => Some("body_too_large"),
+        _ => None,
+    };
+    if let Some(reason) = denied {
+        m.denied.with_label_values(&[class, reason]).inc();
+    }
+    if ctx.decision == "rate_limited" {
+        m.rate_limited.with_label_values(&[class]).inc();
+    }
+    if ctx.tried.len() > 1 {
+        m.retries
+            .with_label_values(&[pool])
+            .inc_by(ctx.tried.len() as u64 - 1);
+    }
+    if let Some(server) = &ctx.server {
+        if server.zone != ctx.cfg.network.zone {
+            m.failovers.with_label_values(&[pool, zone]).inc();
+        }
+    }
+    if ctx.ws_open {
+        m.websockets.with_label_values(&[class]).dec();
     }
 }
 

@@ -94,7 +94,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let client_ca = cfg.tls.as_ref().and_then(|t| t.client_ca.clone());
     crate::dns::resolve_blocking(&cfg);
     let store = Arc::new(ArcSwap::from_pointee(cfg));
-    let stats = Arc::new(crate::config::reload::ReloadStats::default());
+    let stats = Arc::new(crate::config::reload::ReloadStats::new(path));
     let on_swap: crate::config::reload::OnSwap = {
         let resolver = resolver.clone();
         Box::new(move |cfg: &Config| {
@@ -105,7 +105,8 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
             }
         })
     };
-    if let Err(e) = crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats, on_swap)
+    if let Err(e) =
+        crate::config::reload::spawn(path.to_path_buf(), store.clone(), stats.clone(), on_swap)
     {
         tracing::error!(
             "config reload is off (no file watch or SIGHUP): {e}; restart to change the config"
@@ -120,8 +121,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
                 .map(|t| t.files())
                 .unwrap_or_default()
         };
-        let cert_stats = Arc::new(crate::tls::CertStats::default());
-        if let Err(e) = crate::tls::spawn_cert_watch(r.clone(), files, cert_stats) {
+        if let Err(e) = crate::tls::spawn_cert_watch(r.clone(), files) {
             tracing::error!("certificate reload is off: {e}; reload the config to renew");
         }
     }
@@ -169,7 +169,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     if let Some(addr) = admin {
         let mut svc = Service::new(
             "erpgate admin".to_string(),
-            HttpServer::new_app(AdminApp::new(store.clone())),
+            HttpServer::new_app(AdminApp::new(store.clone(), stats, resolver.clone())),
         );
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);

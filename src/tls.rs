@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -254,13 +254,6 @@ pub fn offers_tls13(record: &[u8]) -> Option<bool> {
     }
 }
 
-/// Counts of certificate reloads.
-#[derive(Debug, Default)]
-pub struct CertStats {
-    pub ok: AtomicU64,
-    pub failed: AtomicU64,
-}
-
 /// The rustls verifier for `[tls] client_ca`: a client certificate is asked for, not
 /// required (classes decide); one that is presented must chain to the CA.
 pub fn client_verifier(
@@ -298,8 +291,12 @@ const CERT_POLL: Duration = Duration::from_millis(500);
 pub fn spawn_cert_watch(
     resolver: Arc<Resolver>,
     files: impl Fn() -> Vec<(PathBuf, PathBuf)> + Send + 'static,
-    stats: Arc<CertStats>,
 ) -> std::io::Result<()> {
+    let count = |result: &str| {
+        if let Some(m) = crate::metrics::get() {
+            m.cert_reloads.with_label_values(&[result]).inc();
+        }
+    };
     std::thread::Builder::new()
         .name("erpgate-certs".into())
         .spawn(move || {
@@ -328,11 +325,11 @@ pub fn spawn_cert_watch(
                 {
                     Ok(loaded) => {
                         resolver.set.store(Arc::new(CertSet::new(loaded)));
-                        stats.ok.fetch_add(1, Ordering::Relaxed);
+                        count("ok");
                         tracing::info!("TLS certificates reloaded");
                     }
                     Err(e) => {
-                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                        count("error");
                         tracing::error!(
                             "TLS certificate reload failed, the old certificates keep serving: {e}"
                         );

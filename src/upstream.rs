@@ -48,6 +48,16 @@ pub struct ServerState {
     open: AtomicUsize,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
+    last_probe: std::sync::Mutex<Option<Probe>>,
+}
+
+/// The result of the last active health check of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub at: std::time::SystemTime,
+    pub ok: bool,
+    /// Why it failed (empty when it passed).
+    pub detail: String,
 }
 
 impl Default for ServerState {
@@ -59,6 +69,7 @@ impl Default for ServerState {
             open: AtomicUsize::new(0),
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
+            last_probe: std::sync::Mutex::new(None),
         }
     }
 }
@@ -77,6 +88,18 @@ impl ServerState {
         let _ = self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+    pub fn last_probe(&self) -> Option<Probe> {
+        match self.last_probe.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    pub fn set_last_probe(&self, probe: Probe) {
+        match self.last_probe.lock() {
+            Ok(mut p) => *p = Some(probe),
+            Err(p) => *p.into_inner() = Some(probe),
+        }
     }
     /// A connection to it failed: down at once (passive check); probes bring it back.
     /// Returns whether this changed its state.

@@ -105,6 +105,7 @@ impl Compiler<'_> {
         let pools = self.pools(f.pools, &network.zone);
         let classes = self.classes(f.class, &pools);
         let tls = self.tls(f.tls, listen.as_ref());
+        let maintenance = f.maintenance.map(|m| self.maintenance(m));
         if tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
             if let Some(c) = classes.iter().find(|c| c.require_client_cert) {
                 self.error_at(
@@ -142,6 +143,7 @@ impl Compiler<'_> {
             classes,
             audit_path,
             tls,
+            maintenance,
         })
     }
 
@@ -644,6 +646,69 @@ impl Compiler<'_> {
         })
     }
 
+    fn maintenance(&mut self, m: Spanned<file::Maintenance>) -> Maintenance {
+        let m = m.into_inner();
+        let mut windows = Vec::new();
+        for (i, w) in m.windows.unwrap_or_default().into_iter().enumerate() {
+            let path = format!("maintenance.windows[{i}]");
+            let span = w.span();
+            let w = w.into_inner();
+            let time = |c: &mut Self, v: &Option<Str>, key: &str| -> Option<i64> {
+                let Some(v) = v else {
+                    c.error_at(
+                        span.start,
+                        &format!("{path}.{key}"),
+                        "missing key: a UTC time such as \"2026-12-31T18:00Z\"",
+                    );
+                    return None;
+                };
+                let t = parse_time(v.get_ref());
+                if t.is_none() {
+                    c.error(
+                        v,
+                        &format!("{path}.{key}"),
+                        format!("`{}` is not a time such as \"2026-12-31T18:00Z\" or \"2026-12-31T19:00+01:00\"", v.get_ref()),
+                    );
+                }
+                t
+            };
+            let (start, end) = (time(self, &w.start, "start"), time(self, &w.end, "end"));
+            if let (Some(s), Some(e)) = (start, end) {
+                if e <= s {
+                    self.error_at(span.start, &path, "`end` must be after `start`");
+                } else {
+                    windows.push((s, e));
+                }
+            }
+        }
+        let page = m
+            .page
+            .as_ref()
+            .and_then(|p| match std::fs::read(p.get_ref()) {
+                Ok(b) => Some(bytes::Bytes::from(b)),
+                Err(e) => {
+                    self.error(
+                        p,
+                        "maintenance.page",
+                        format!("cannot read {}: {e}", p.get_ref()),
+                    );
+                    None
+                }
+            });
+        let mut allow = Vec::new();
+        for (i, s) in m.allow.unwrap_or_default().iter().enumerate() {
+            if let Some(net) = self.cidr(s, &format!("maintenance.allow[{i}]")) {
+                allow.push(net);
+            }
+        }
+        Maintenance {
+            enabled: m.enabled.unwrap_or(false),
+            windows,
+            page,
+            allow,
+        }
+    }
+
     /// `cookie:NAME`: the cookie whose value keys session affinity.
     fn affinity(&mut self, s: &Str, path: &str) -> Option<String> {
         let v = s.get_ref().trim();
@@ -862,6 +927,24 @@ impl Compiler<'_> {
                 }
                 seen.push((name.clone(), alternatives.clone()));
             }
+            let maintenance_block = match &c.maintenance {
+                // By default the classes finance users and integrations come through.
+                None => name
+                    .as_deref()
+                    .is_some_and(|n| n == "user" || n == "integration"),
+                Some(m) => match m.get_ref().as_str() {
+                    "block" => true,
+                    "pass" => false,
+                    other => {
+                        self.error(
+                            m,
+                            &format!("{path}.maintenance"),
+                            format!("`{other}` is not \"block\" or \"pass\""),
+                        );
+                        false
+                    }
+                },
+            };
             if let (Some(name), Some(pool)) = (name, pool) {
                 out.push(Class {
                     name,
@@ -877,6 +960,7 @@ impl Compiler<'_> {
                     security_headers,
                     retry_idempotent: c.retry_idempotent.unwrap_or(false),
                     require_client_cert: c.require_client_cert.unwrap_or(false),
+                    maintenance_block,
                 });
             }
         }
@@ -1207,4 +1291,21 @@ mod tests;
 /// A byte of an RFC 6265 cookie name (an HTTP token).
 fn is_cookie_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A time like `2026-12-31T18:00Z`, `2026-12-31T18:00:00Z` or with an offset
+/// (`2026-12-31T19:00+01:00`): Unix seconds.
+pub(crate) fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp());
+    }
+    if let Some(utc) = s.strip_suffix('Z').or_else(|| s.strip_suffix('z')) {
+        return chrono::NaiveDateTime::parse_from_str(utc, "%Y-%m-%dT%H:%M")
+            .ok()
+            .map(|t| t.and_utc().timestamp());
+    }
+    chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M%:z")
+        .ok()
+        .map(|t| t.timestamp())
 }

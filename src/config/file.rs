@@ -22,7 +22,24 @@ pub struct File {
     pub pools: Option<Spanned<Named<Spanned<Pool>>>>,
     pub audit: Option<Audit>,
     pub tls: Option<Spanned<Tls>>,
+    pub maintenance: Option<Spanned<Maintenance>>,
     pub class: Option<Vec<Spanned<Class>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    pub enabled: Option<bool>,
+    pub windows: Option<Vec<Spanned<Window>>>,
+    pub page: Option<Str>,
+    pub allow: Option<Vec<Str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub start: Option<Str>,
+    pub end: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +148,7 @@ pub struct Class {
     pub security_headers: Option<Spanned<SecurityHeaders>>,
     pub retry_idempotent: Option<bool>,
     pub require_client_cert: Option<bool>,
+    pub maintenance: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -81,8 +81,45 @@ pub struct Config {
     /// Where audited classes' requests are appended as JSON lines.
     pub audit_path: Option<std::path::PathBuf>,
     pub tls: Option<Tls>,
+    pub maintenance: Option<Maintenance>,
 }
 
+/// `[maintenance]`: release windows during which classes with `maintenance = "block"` are
+/// answered 503 with a page, except for clients in `allow`.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    /// On now, until switched off by a config edit.
+    pub enabled: bool,
+    /// (start, end), Unix seconds, end exclusive.
+    pub windows: Vec<(i64, i64)>,
+    /// The operator's HTML page (none: a built-in one).
+    pub page: Option<bytes::Bytes>,
+    pub allow: Vec<IpNet>,
+}
+
+/// `Retry-After` while maintenance is on without a known end.
+pub const MAINTENANCE_RETRY_DEFAULT: i64 = 300;
+
+impl Maintenance {
+    /// `Some(end)` when maintenance is on at `now` (Unix seconds); `end` is when it ends,
+    /// when a window says so.
+    pub fn active_at(&self, now: i64) -> Option<Option<i64>> {
+        let window = self
+            .windows
+            .iter()
+            .filter(|(s, e)| *s <= now && now < *e)
+            .map(|(_, e)| *e)
+            .max();
+        match (self.enabled, window) {
+            (_, Some(end)) => Some(Some(end)),
+            (true, None) => Some(None),
+            (false, None) => None,
+        }
+    }
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
 /// `[tls]`: certificates and HTTPS behaviour.
 #[derive(Debug)]
 pub struct Tls {
@@ -322,6 +359,8 @@ pub struct Class {
     /// Requests over a connection without a client certificate from `[tls] client_ca` get
     /// 403.
     pub require_client_cert: bool,
+    /// `maintenance = "block"`: answered 503 during maintenance windows.
+    pub maintenance_block: bool,
 }
 
 /// Response headers added to a class's answers (`security_headers`).

@@ -20,11 +20,64 @@ use std::time::Duration;
 /// Time for a burst of file events (write, rename, symlink swap) to settle before reading.
 const SETTLE: Duration = Duration::from_millis(150);
 
-/// Counts of reloads, for the admin endpoint and metrics.
-#[derive(Debug, Default)]
+/// What the admin endpoint tells of the config: which one serves, since when, and what went
+/// wrong with the last attempt to change it.
+#[derive(Debug)]
 pub struct ReloadStats {
-    pub ok: AtomicU64,
+    /// 1 for the config erpgate started with, +1 for each one taken since.
+    pub generation: AtomicU64,
     pub failed: AtomicU64,
+    pub status: std::sync::Mutex<Status>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub loaded_at: std::time::SystemTime,
+    /// xxh3 of the file's bytes, as hex.
+    pub hash: String,
+    /// When and why the last reload failed (cleared by a successful one).
+    pub last_error: Option<(std::time::SystemTime, String)>,
+}
+
+impl ReloadStats {
+    /// For the config loaded at start from `path`.
+    pub fn new(path: &Path) -> ReloadStats {
+        ReloadStats {
+            generation: AtomicU64::new(1),
+            failed: AtomicU64::new(0),
+            status: std::sync::Mutex::new(Status {
+                loaded_at: std::time::SystemTime::now(),
+                hash: file_hash(path),
+                last_error: None,
+            }),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        match self.status.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+}
+
+fn file_hash(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
+        .unwrap_or_default()
+}
+
+fn count(result: &str) {
+    if let Some(m) = crate::metrics::get() {
+        m.config_reloads.with_label_values(&[result]).inc();
+    }
 }
 
 /// Called with each config taken, after it serves (the TLS listeners' certificates follow it).
@@ -111,12 +164,20 @@ pub fn reload(path: &Path, store: &ArcSwap<Config>, stats: &ReloadStats, why: &s
             new.adopt_state(&old);
             crate::dns::resolve_blocking(&new);
             store.store(Arc::new(new));
-            stats.ok.fetch_add(1, Ordering::Relaxed);
+            stats.generation.fetch_add(1, Ordering::Relaxed);
+            stats.set(|s| {
+                s.loaded_at = std::time::SystemTime::now();
+                s.hash = file_hash(path);
+                s.last_error = None;
+            });
+            count("ok");
             tracing::info!(file = %path.display(), reason = why, "config reloaded");
             true
         }
         Err(errors) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
+            count("error");
+            stats.set(|s| s.last_error = Some((std::time::SystemTime::now(), errors.to_string())));
             for e in &errors.0 {
                 tracing::error!("config reload: {e}");
             }
