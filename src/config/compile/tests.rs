@@ -529,3 +529,47 @@ fn affinity_and_resolve_interval_are_compiled_and_checked() {
         "pools.web.affinity"
     ));
 }
+
+#[test]
+fn maintenance_windows_are_compiled_and_switch_on_and_off_by_time() {
+    assert_eq!(parse_time("2026-12-31T18:00Z"), Some(1_798_740_000));
+    assert_eq!(parse_time("2026-12-31T18:00:00Z"), Some(1_798_740_000));
+    assert_eq!(parse_time("2026-12-31T19:00+01:00"), Some(1_798_740_000));
+    assert_eq!(parse_time("2026-12-31 18:00"), None);
+    assert_eq!(parse_time("tomorrow"), None);
+    let t = format!(
+        "{MINIMAL}\n[maintenance]\nwindows = [{{ start = \"2026-12-31T18:00Z\", end = \"2027-01-01T02:00Z\" }}]\nallow = [\"10.10.0.0/16\"]\n"
+    );
+    let cfg = parse(&t, "t.toml", None).expect("valid");
+    let m = cfg.maintenance.as_ref().expect("maintenance");
+    assert_eq!(m.active_at(1_798_739_999), None);
+    assert_eq!(m.active_at(1_798_740_000), Some(Some(1_798_768_800)));
+    assert_eq!(m.active_at(1_798_768_800), None);
+    assert!(m.allows("10.10.1.1".parse().expect("ip")));
+    assert!(!m.allows("10.11.1.1".parse().expect("ip")));
+    // The user class is blocked by default, others pass unless marked.
+    assert!(cfg.classes[0].maintenance_block);
+    let on = MINIMAL.replace(
+        "name = \"user\"",
+        "name = \"reports\"\nmaintenance = \"block\"",
+    ) + "\n[maintenance]\nenabled = true\n";
+    let cfg = parse(&on, "t.toml", None).expect("valid");
+    assert!(cfg.classes[0].maintenance_block);
+    assert_eq!(
+        cfg.maintenance.as_ref().and_then(|m| m.active_at(0)),
+        Some(None)
+    );
+    let bad = format!(
+        "{}\n[maintenance]\nwindows = [{{ start = \"2027-01-01T02:00Z\", end = \"2026-12-31T18:00Z\" }}, {{ start = \"soon\", end = \"2027-01-01T02:00Z\" }}]\npage = \"/nonexistent/page.html\"\n",
+        MINIMAL.replace("pool = \"web\"", "pool = \"web\"\nmaintenance = \"maybe\"")
+    );
+    let errs = errors(&bad);
+    for needle in [
+        "maintenance.windows[0]: `end` must be after `start`",
+        "maintenance.windows[1].start: `soon` is not a time",
+        "maintenance.page: cannot read /nonexistent/page.html",
+        "class[0].maintenance: `maybe` is not \"block\" or \"pass\"",
+    ] {
+        assert!(has(&errs, needle), "{needle}: {errs:#?}");
+    }
+}

@@ -1,0 +1,319 @@
+//! Operations through the real binary: metrics after a known mix of requests, readiness
+//! following pool health, a maintenance window, graceful stop on SIGTERM.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::erpgate::{admin_get, Erpgate};
+use support::*;
+
+/// A Prometheus text exposition, parsed strictly: every sample line is
+/// `name{label="value",...} number` with a `# TYPE` for its family. Returns
+/// `name{labels}` -> value.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut typed = std::collections::HashSet::new();
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut p = rest.split(' ');
+            let name = p.next().expect("family");
+            let kind = p.next().expect("type");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        let name = series.split('{').next().expect("name");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "no # TYPE for {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split("\",") {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                    assert!(!k.is_empty() && !v.contains('\n'), "{line}");
+                }
+            }
+        }
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
+fn metrics(gw: &Erpgate) -> BTreeMap<String, f64> {
+    let (status, body) = admin_get(gw.admin, "/metrics").expect("admin");
+    assert_eq!(status, 200);
+    parse_metrics(&body)
+}
+
+fn config(odoo: &FakeOdoo, extra_pool: &str) -> String {
+    format!(
+        r#"
+[network]
+zone = "a"
+trusted_proxies = ["127.0.0.1/32"]
+
+[pools.web]
+servers = [{{ address = "{}", zone = "a" }}]
+health_check = {{ path = "/web/health", interval = "200ms", timeout = "500ms", healthy_after = 1, unhealthy_after = 1 }}
+{extra_pool}
+
+[[class]]
+name = "admin"
+match = {{ path_prefix = "/web/database/" }}
+pool = "web"
+allow = ["10.10.0.0/16"]
+
+[[class]]
+name = "integration"
+match = {{ path_prefix = "/xmlrpc/" }}
+pool = "web"
+rate_limit = {{ key = "global", rate = "1/min", burst = 2 }}
+
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        odoo.web_addr()
+    )
+}
+
+#[test]
+fn metrics_report_exactly_the_requests_made() {
+    let odoo = FakeOdoo::start();
+    let gw = Erpgate::start(&config(&odoo, ""));
+    for i in 0..3 {
+        assert_eq!(get(gw.http, &format!("/odoo?i={i}")).status, 200);
+    }
+    assert_eq!(get(gw.http, "/odoo?status=404").status, 404);
+    assert_eq!(get(gw.http, "/web/database/manager").status, 403);
+    for expected in [200, 200, 429] {
+        let r = request(gw.http, "POST", "/xmlrpc/2/common", &[], Some(b"<x/>"));
+        assert_eq!(r.status, expected);
+    }
+    let m = metrics(&gw);
+    let v = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {m:#?}"))
+    };
+    assert_eq!(
+        v(r#"erpgate_requests_total{class="user",pool="web",status="200",zone="a"}"#),
+        3.0
+    );
+    assert_eq!(
+        v(r#"erpgate_requests_total{class="user",pool="web",status="404",zone="a"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"erpgate_requests_total{class="admin",pool="web",status="403",zone="-"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"erpgate_requests_total{class="integration",pool="web",status="200",zone="a"}"#),
+        2.0
+    );
+    assert_eq!(
+        v(r#"erpgate_requests_total{class="integration",pool="web",status="429",zone="-"}"#),
+        1.0
+    );
+    let total: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("erpgate_requests_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(total, 8.0, "{m:#?}");
+    assert_eq!(v(r#"erpgate_denied_total{class="admin",reason="ip"}"#), 1.0);
+    assert_eq!(v(r#"erpgate_rate_limited_total{class="integration"}"#), 1.0);
+    assert_eq!(
+        v(r#"erpgate_request_duration_seconds_count{class="user"}"#),
+        4.0
+    );
+    assert_eq!(
+        v(r#"erpgate_request_duration_seconds_bucket{class="user",le="+Inf"}"#),
+        4.0
+    );
+    assert_eq!(
+        v(&format!(
+            r#"erpgate_upstream_healthy{{pool="web",server="{}",zone="a"}}"#,
+            odoo.web_addr()
+        )),
+        1.0
+    );
+    assert_eq!(v(r#"erpgate_in_flight_requests{class="user"}"#), 0.0);
+    assert_eq!(v("erpgate_config_generation"), 1.0);
+    assert_eq!(v("erpgate_maintenance_active"), 0.0);
+
+    // An open WebSocket counts while it is open; a reload counts by result.
+    let ws_cfg = format!(
+        "{}\n[pools.longpoll]\nservers = [{{ address = \"{}\", zone = \"a\" }}]\n\
+         [[class]]\nname = \"longpoll\"\nmatch = {{ path_prefix = \"/websocket\" }}\npool = \"longpoll\"\n",
+        config(&odoo, ""),
+        odoo.gevent_addr()
+    );
+    // The catch-all user class must stay last.
+    let ws_cfg = ws_cfg.replacen("[[class]]\nname = \"user\"\npool = \"web\"\n", "", 1)
+        + "\n[[class]]\nname = \"user\"\npool = \"web\"\n";
+    gw.reload_with(&ws_cfg);
+    let mut ws = ws_connect(gw.http, "/websocket", Some("http://localhost")).expect("ws");
+    ws.send_text("x");
+    assert_eq!(ws.recv_text(Duration::from_secs(5)), "x");
+    let m = metrics(&gw);
+    assert_eq!(
+        m.get(r#"erpgate_websockets_open{class="longpoll"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get(r#"erpgate_config_reloads_total{result="ok"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(m.get("erpgate_config_generation"), Some(&2.0));
+    ws.close();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics(&gw).get(r#"erpgate_websockets_open{class="longpoll"}"#) != Some(&0.0) {
+        assert!(Instant::now() < deadline, "closed socket still counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // /config says which config serves; /upstreams each server's last probe.
+    let (_, body) = admin_get(gw.admin, "/config").expect("config");
+    let c: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(c["generation"], 2);
+    assert_eq!(c["hash"].as_str().map(str::len), Some(16));
+    assert!(c["last_reload_error"].is_null());
+    gw.write_config("[pools.broken\n");
+    gw.wait_log_line(&["config reload failed"]);
+    let (_, body) = admin_get(gw.admin, "/config").expect("config");
+    let c: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(c["generation"], 2);
+    let err = c["last_reload_error"]["errors"][0].as_str().unwrap_or("");
+    assert!(err.contains("erpgate.toml:"), "{body}");
+    let (_, body) = admin_get(gw.admin, "/upstreams").expect("upstreams");
+    let u: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let web = u["servers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["pool"] == "web"))
+        .expect("the web pool's server");
+    assert_eq!(web["healthy"], true);
+    assert_eq!(web["last_probe"]["ok"], true);
+}
+
+#[test]
+fn readyz_follows_the_health_of_the_pools() {
+    let odoo = FakeOdoo::start();
+    let (web, gevent) = (odoo.web_addr(), odoo.gevent_addr());
+    let gw = Erpgate::start(&config(&odoo, ""));
+    let ready = || admin_get(gw.admin, "/readyz").expect("admin");
+    assert_eq!(ready().0, 200);
+    drop(odoo);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let r = ready();
+        if r.0 == 503 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready with its only server down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 503);
+    assert!(body.contains("pool `web`"), "{body}");
+    let _back = FakeOdoo::start_at(web, gevent, FakeOptions::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ready().0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn utc(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .expect("time")
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+#[test]
+fn a_maintenance_window_blocks_users_lets_admins_through_and_lifts_at_its_end() {
+    let odoo = FakeOdoo::start();
+    let page = tempfile::NamedTempFile::new().expect("page");
+    std::fs::write(page.path(), "<h1>Closing the books: back at 20:00</h1>").expect("write");
+    let now = chrono::Utc::now().timestamp();
+    let end = now + 4;
+    let maintenance = format!(
+        "[maintenance]\nwindows = [{{ start = \"{}\", end = \"{}\" }}]\npage = \"{}\"\nallow = [\"10.10.0.0/16\"]\n",
+        utc(now - 60),
+        utc(end),
+        page.path().display()
+    );
+    let gw = Erpgate::start(&(config(&odoo, "") + &maintenance));
+    let user = [("X-Forwarded-For", "203.0.113.7")];
+    let admin = [("X-Forwarded-For", "10.10.4.2")];
+    let r = request(gw.http, "GET", "/odoo", &user, None);
+    assert_eq!(r.status, 503);
+    let retry: i64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=5).contains(&retry), "{retry}");
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html")));
+    assert!(r.body_str().contains("Closing the books"));
+    // Integrations are blocked too; the admin network reaches Odoo.
+    let r = request(gw.http, "POST", "/xmlrpc/2/object", &user, Some(b"<x/>"));
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        request(gw.http, "GET", "/odoo?admin=1", &admin, None).status,
+        200
+    );
+    assert_eq!(odoo.requests().len(), 1);
+    let m = metrics(&gw);
+    assert_eq!(m.get("erpgate_maintenance_active"), Some(&1.0));
+    assert_eq!(
+        m.get(r#"erpgate_denied_total{class="user",reason="maintenance"}"#),
+        Some(&1.0)
+    );
+    // At the window's end it lifts by itself, no reload.
+    while chrono::Utc::now().timestamp() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        request(gw.http, "GET", "/odoo?after=1", &user, None).status,
+        200
+    );
+    assert_eq!(gw.reloads(), 0);
+}
+
+#[test]
+fn sigterm_lets_a_slow_request_finish_then_exits_0() {
+    let odoo = FakeOdoo::start();
+    let body = "[server]\ngrace_period = \"5s\"\nshutdown_timeout = \"1s\"\n".to_string()
+        + &config(&odoo, "");
+    let mut gw = Erpgate::start(&body);
+    let addr = gw.http;
+    let slow = std::thread::spawn(move || get(addr, "/slow?ms=1500"));
+    odoo.wait_for_requests(1, Duration::from_secs(5));
+    gw.signal("TERM");
+    let r = slow.join().expect("slow request");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+}
