@@ -19,4 +19,5 @@ pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod wsclose;
 pub mod xmlrpc;

@@ -118,6 +118,8 @@ pub struct Ctx {
     tail: Option<Tail>,
     /// Counted among the open WebSockets (until logging).
     ws_open: bool,
+    /// A WebSocket's upstream socket, for a proper close when erpgate stops.
+    tunnel: Option<Arc<crate::wsclose::Tunnel>>,
     /// The client reached us over HTTPS: TLS on our listener, or `X-Forwarded-Proto: https`
     /// from a trusted proxy.
     https: bool,
@@ -561,6 +563,7 @@ impl ProxyHttp for ErpGate {
             tail: None,
             https: false,
             ws_open: false,
+            tunnel: None,
         }
     }
 
@@ -735,6 +738,15 @@ impl ProxyHttp for ErpGate {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let (Some(t), Some(b)) = (&ctx.tunnel, body.as_ref()) {
+            if session.was_upgraded() {
+                // WebSocket frames: no body limit; held back once erpgate is closing it.
+                if !t.from_client(b) {
+                    *body = Some(Bytes::new());
+                }
+                return Ok(());
+            }
+        }
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             if let Some(max) = ctx.class(&ctx.cfg).and_then(|c| c.max_body) {
@@ -787,6 +799,16 @@ impl ProxyHttp for ErpGate {
         let t = class.timeouts;
         let mut peer = HttpPeer::new(addr, false, String::new());
         let upgrade = session.is_upgrade_req();
+        if upgrade {
+            // erpgate opens a WebSocket's upstream connection itself (never a pooled one), so
+            // that it can close it properly when it stops.
+            let tunnel = crate::wsclose::register();
+            peer.options.custom_l4 = Some(Arc::new(crate::wsclose::Connector {
+                tunnel: tunnel.clone(),
+            }));
+            peer.group_key = fastrand::u64(..);
+            ctx.tunnel = Some(tunnel);
+        }
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect);
         // On an upgraded socket the idle limit governs both directions.
@@ -794,6 +816,25 @@ impl ProxyHttp for ErpGate {
         peer.options.write_timeout = Some(t.read);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(t) = &ctx.tunnel {
+            let data = body.as_deref().unwrap_or(&[]);
+            if let Some(close) = t.from_odoo(data, end_of_stream) {
+                let mut b = BytesMut::with_capacity(data.len() + close.len());
+                b.extend_from_slice(data);
+                b.extend_from_slice(close);
+                *body = Some(b.freeze());
+            }
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(

@@ -317,3 +317,53 @@ fn sigterm_lets_a_slow_request_finish_then_exits_0() {
         gw.log()
     );
 }
+
+#[test]
+fn sigterm_closes_open_websockets_with_a_close_frame() {
+    let odoo = FakeOdoo::start();
+    let body = format!(
+        "[server]\ngrace_period = \"3s\"\nshutdown_timeout = \"1s\"\n{}\n\
+         [pools.longpoll]\nservers = [{{ address = \"{}\", zone = \"a\" }}]\n\
+         [[class]]\nname = \"longpoll\"\nmatch = {{ path_prefix = \"/websocket\" }}\npool = \"longpoll\"\n\
+         timeouts = {{ read = \"1h\", idle = \"1h\" }}\n",
+        config(&odoo, ""),
+        odoo.gevent_addr()
+    )
+    // The catch-all user class must stay last.
+    .replacen("[[class]]\nname = \"user\"\npool = \"web\"\n", "", 1)
+        + "\n[[class]]\nname = \"user\"\npool = \"web\"\n";
+    let mut gw = Erpgate::start(&body);
+    let mut sockets: Vec<WsClient> = (0..3)
+        .map(|i| {
+            let mut ws = ws_connect(gw.http, "/websocket", Some("http://localhost")).expect("ws");
+            ws.send_text(&format!("hello {i}"));
+            assert_eq!(ws.recv_text(Duration::from_secs(5)), format!("hello {i}"));
+            ws
+        })
+        .collect();
+    assert_eq!(odoo.ws_open(), 3);
+    let stopped = Instant::now();
+    gw.signal("TERM");
+    for ws in &mut sockets {
+        let code = ws.close_code_within(Duration::from_secs(2));
+        assert_eq!(code, Some(1001), "a close frame saying erpgate goes away");
+    }
+    assert!(stopped.elapsed() < Duration::from_secs(2));
+    // Odoo saw each socket closed by the handshake, not cut.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while odoo.ws_open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "Odoo still has {} sockets",
+            odoo.ws_open()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("closing 3 WebSocket(s)"), "{}", gw.log());
+}

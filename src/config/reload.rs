@@ -94,8 +94,12 @@ pub fn spawn(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut hup = rt.block_on(async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    let (mut hup, mut term) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+        ))
     })?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let dir = watch_dir(&path);
@@ -118,6 +122,14 @@ pub fn spawn(
                 loop {
                     let forced = tokio::select! {
                         _ = hup.recv() => true,
+                        _ = term.recv() => {
+                            // Pingora stops the listeners and waits out the grace period;
+                            // erpgate closes its WebSockets properly meanwhile.
+                            let grace = store.load().server.grace_period;
+                            let patience = (grace / 2).min(std::time::Duration::from_secs(5));
+                            tokio::spawn(crate::wsclose::close_all(patience));
+                            continue;
+                        }
                         ev = rx.recv() => {
                             if ev.is_none() {
                                 return;

@@ -301,6 +301,24 @@ impl WsClient {
         }
     }
 
+    /// The code of the close frame received within `timeout` (other messages are skipped);
+    /// None when the connection ended or stayed open without one.
+    pub fn close_code_within(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.ws.get_mut().set_read_timeout(Some(left)).ok()?;
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub fn close(mut self) {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();

@@ -558,7 +558,12 @@ async fn websocket(
                     shared.ws_messages.fetch_add(1, Ordering::SeqCst);
                     ws.send(m).await?;
                 }
-                Some(Ok(Message::Close(_))) | None => return Ok::<(), BoxError>(()),
+                // Like Odoo: answer a close frame with one, then close.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = ws.flush().await;
+                    return Ok::<(), BoxError>(());
+                }
+                None => return Ok(()),
                 Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 Some(Err(e)) => return Err(e.into()),
             }
