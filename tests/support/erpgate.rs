@@ -119,8 +119,11 @@ impl Erpgate {
                     panic!("erpgate exited during start-up ({status}):\n{}", self.log());
                 }
             }
+            let tls_up =
+                !self.listen.contains("https = ") || TcpStream::connect(self.https).is_ok();
             if admin_get(self.admin, "/healthz").is_some_and(|(s, _)| s == 200)
                 && TcpStream::connect(self.http).is_ok()
+                && tls_up
             {
                 return;
             }

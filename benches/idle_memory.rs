@@ -1,0 +1,229 @@
+//! Memory of idle connections through erpgate: `cargo bench --bench idle_memory`.
+//!
+//! Starts a stand-in Odoo in this process (an HTTP/1.1 keep-alive server for the web pool
+//! and a WebSocket server for the gevent pool), runs the release erpgate binary in front of
+//! it, and reads erpgate's RSS (`/proc/PID/status`, VmRSS) when idle, while holding N idle
+//! keep-alive HTTP connections, and while holding N idle WebSockets (each upgraded through
+//! erpgate to the gevent pool). Prints KiB per connection. N is `IDLE_N` (default 9,000:
+//! erpgate holds two sockets per WebSocket, and this machine caps a process at 20,000 open
+//! files).
+
+use futures_util::StreamExt;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The stand-in Odoo: a tiny keep-alive HTTP server and a WebSocket server that holds.
+async fn odoo() -> (SocketAddr, SocketAddr) {
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ws = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (web_addr, ws_addr) = (
+        web.local_addr().expect("addr"),
+        ws.local_addr().expect("addr"),
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = web.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    have.extend_from_slice(&buf[..n]);
+                    while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                        have.drain(..end + 4);
+                        // One write: head and body in one segment (no Nagle delay).
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 18\r\n\r\n{\"status\": \"pass\"}";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = ws.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(s).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    (web_addr, ws_addr)
+}
+
+struct Gate(Child);
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn settle(pid: u32) -> u64 {
+    // Let allocations settle: the RSS after a short quiet period.
+    std::thread::sleep(Duration::from_millis(500));
+    rss_kib(pid)
+}
+
+fn main() {
+    let n: usize = std::env::var("IDLE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (web, ws) = rt.block_on(odoo());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("erpgate.toml");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/erpgate.toml"))
+        .expect("default config")
+        .replace("0.0.0.0:8080", &listen)
+        .replace("127.0.0.1:9901", &admin)
+        .replace("127.0.0.1:8069", &web.to_string())
+        .replace("127.0.0.1:8072", &ws.to_string())
+        .replace(
+            "erpgate-audit.jsonl",
+            &dir.path().join("audit.jsonl").display().to_string(),
+        )
+        .replace("level = \"info\"", "level = \"warn\"")
+        // The user class's limit per client IP: all connections here come from one address.
+        .replace(
+            "rate = \"100/s\", burst = 200",
+            "rate = \"1000000/s\", burst = 1000000",
+        );
+    std::fs::write(&cfg, text).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_erpgate"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("erpgate");
+    let gate = Gate(child);
+    let pid = gate.0.id();
+    let addr: SocketAddr = listen.parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "/web/health") != Some(200) {
+        assert!(Instant::now() < deadline, "erpgate did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let idle = settle(pid);
+
+    // N idle keep-alive HTTP connections, each after one request.
+    let conns: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            s.write_all(b"GET /web/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            let mut buf = [0u8; 512];
+            let got = s.read(&mut buf).expect("read");
+            assert!(
+                buf[..got].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..got])
+            );
+            s
+        })
+        .collect();
+    let with_http = settle(pid);
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(1));
+    let after_http = settle(pid);
+
+    // N idle WebSockets through erpgate to the gevent pool.
+    let sockets = rt.block_on(async {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let req = http::Request::builder()
+                .uri(format!("ws://{listen}/websocket"))
+                .header("Host", "localhost")
+                .header("Origin", "http://localhost")
+                .header(
+                    "Sec-WebSocket-Key",
+                    tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+                )
+                .header("Sec-WebSocket-Version", "13")
+                .header("Connection", "Upgrade")
+                .header("Upgrade", "websocket")
+                .body(())
+                .expect("request");
+            let (s, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+                .await
+                .expect("websocket");
+            v.push(s);
+        }
+        v
+    });
+    let with_ws = settle(pid);
+    println!("erpgate idle memory (IDLE_N = {n}), VmRSS of the erpgate process:");
+    println!("| state | RSS | per connection |");
+    println!("|---|---|---|");
+    println!("| idle, after start | {:.1} MiB | |", idle as f64 / 1024.0);
+    println!(
+        "| {n} idle keep-alive HTTP connections | {:.1} MiB | {:.2} KiB |",
+        with_http as f64 / 1024.0,
+        (with_http.saturating_sub(idle)) as f64 / n as f64
+    );
+    println!(
+        "| after they closed | {:.1} MiB | |",
+        after_http as f64 / 1024.0
+    );
+    println!(
+        "| {n} idle WebSockets (two sockets each in erpgate) | {:.1} MiB | {:.2} KiB |",
+        with_ws as f64 / 1024.0,
+        (with_ws.saturating_sub(after_http)) as f64 / n as f64
+    );
+    drop(sockets);
+}
