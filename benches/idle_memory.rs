@@ -4,9 +4,10 @@
 //! and a WebSocket server for the gevent pool), runs the release erpgate binary in front of
 //! it, and reads erpgate's RSS (`/proc/PID/status`, VmRSS) when idle, while holding N idle
 //! keep-alive HTTP connections, and while holding N idle WebSockets (each upgraded through
-//! erpgate to the gevent pool). Prints KiB per connection. N is `IDLE_N` (default 9,000:
-//! erpgate holds two sockets per WebSocket, and this machine caps a process at 20,000 open
-//! files). Under `cargo test` it runs once with 50 connections, as a smoke test.
+//! erpgate to the gevent pool). Prints KiB per connection. N is `IDLE_N` (default 6,000:
+//! erpgate holds three descriptors per WebSocket (client socket, Odoo socket, and the
+//! duplicate it keeps to close it properly), and this machine caps a process at 20,000 open
+//! files, hard limit). Under `cargo test` it runs once with 50 connections, as a smoke test.
 
 use futures_util::StreamExt;
 use std::io::{Read, Write};
@@ -118,7 +119,7 @@ fn main() {
     let n: usize = std::env::var("IDLE_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if measuring { 9000 } else { 50 });
+        .unwrap_or(if measuring { 6000 } else { 50 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -43,4 +43,4 @@ config warn >"$OUT/erpgate-log-off.toml"
   --candidate-log "$BIN run --config $PWD/$OUT/erpgate-log-on.toml" \
   --candidate-name erpgate "$@"
 
-IDLE_N=${IDLE_N:-9000} cargo bench --bench idle_memory
+IDLE_N=${IDLE_N:-6000} cargo bench --bench idle_memory
