@@ -121,32 +121,12 @@ fn a_missing_file_is_an_error_not_a_panic() {
     );
 }
 
-/// A stand-in for `/etc/erpgate` on a machine laid out as the shipped configs say: the
-/// development certificate as `tls/fullchain.pem` and `tls/privkey.pem`, a maintenance page.
-pub fn etc_erpgate() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
-    std::fs::create_dir(dir.path().join("tls")).expect("tls dir");
-    std::fs::copy(
-        certs.join("localhost.crt"),
-        dir.path().join("tls/fullchain.pem"),
-    )
-    .expect("crt");
-    std::fs::copy(
-        certs.join("localhost.key"),
-        dir.path().join("tls/privkey.pem"),
-    )
-    .expect("key");
-    std::fs::write(dir.path().join("maintenance.html"), "<h1>Back soon</h1>").expect("page");
-    dir
-}
-
 /// Every example config shipped in config/ passes `check` (files under `/etc/erpgate/` are
 /// looked for in a stand-in directory; relative ones from the repository root).
 #[test]
 fn every_shipped_config_passes_check() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let etc = etc_erpgate();
+    let etc = support::etc_erpgate();
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("config dir") {
         let path = entry.expect("entry").path();

@@ -324,20 +324,7 @@ fn the_systemd_unit_runs_the_vm_config_with_one_capability() {
         .as_str()
         .is_some_and(|p| p.starts_with(&run)));
     assert!(config.starts_with(one("WorkingDirectory")));
-    let etc = tempfile::tempdir().expect("tempdir");
-    let certs = root().join("certs");
-    std::fs::create_dir(etc.path().join("tls")).expect("tls");
-    std::fs::copy(
-        certs.join("localhost.crt"),
-        etc.path().join("tls/fullchain.pem"),
-    )
-    .expect("crt");
-    std::fs::copy(
-        certs.join("localhost.key"),
-        etc.path().join("tls/privkey.pem"),
-    )
-    .expect("key");
-    std::fs::write(etc.path().join("maintenance.html"), "<h1>Back soon</h1>").expect("page");
+    let etc = support::etc_erpgate();
     let file = etc.path().join("erpgate.toml");
     std::fs::write(
         &file,

@@ -58,3 +58,23 @@ pub fn audit_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A stand-in for `/etc/erpgate` on a machine laid out as the shipped configs say: the
+/// development certificate as `tls/fullchain.pem` and `tls/privkey.pem`, a maintenance page.
+pub fn etc_erpgate() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    std::fs::create_dir(dir.path().join("tls")).expect("tls dir");
+    std::fs::copy(
+        certs.join("localhost.crt"),
+        dir.path().join("tls/fullchain.pem"),
+    )
+    .expect("crt");
+    std::fs::copy(
+        certs.join("localhost.key"),
+        dir.path().join("tls/privkey.pem"),
+    )
+    .expect("key");
+    std::fs::write(dir.path().join("maintenance.html"), "<h1>Back soon</h1>").expect("page");
+    dir
+}
