@@ -6,7 +6,8 @@
 #   benches/load.sh            full run (about 6 minutes on 2 cores)
 #   benches/load.sh --quick    one short round
 # Other options go to peers.sh (see its --help). Results: target/peers-bench/<time>/ and the
-# tables on stdout.
+# tables on stdout. Then the case of an upstream that closes every connection (as Odoo's
+# HTTP workers do), nginx against erpgate, and the idle-memory bench.
 #
 # erpgate runs the default config (config/erpgate.toml: four classes, the admin allowlist,
 # rate limits per client IP / integration client at rates the benchmark does not reach,
@@ -42,5 +43,47 @@ config warn >"$OUT/erpgate-log-off.toml"
   --candidate "$BIN run --config $PWD/$OUT/erpgate-log-off.toml" \
   --candidate-log "$BIN run --config $PWD/$OUT/erpgate-log-on.toml" \
   --candidate-name erpgate "$@"
+
+# Odoo's HTTP workers close every connection (HTTP/1.0 + Connection: close), so every request
+# also opens an upstream connection: nginx and erpgate in front of an upstream that does not
+# keep connections alive, wrk -t1 -c64, alternating rounds.
+close_upstream_case() {
+  command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "no nginx/wrk" >&2; return 0; }
+  local d pids=() r t
+  d=$(mktemp -d)
+  local page; page=$(printf 'padding %.0s' $(seq 75))
+  cat >"$d/up.conf" <<CONF
+worker_processes 1; daemon off; pid $d/up.pid; error_log $d/up.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_timeout 0;
+  client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;
+  server { listen 127.0.0.1:18169; location / { return 200 "<html>$page</html>"; } } }
+CONF
+  cat >"$d/proxy.conf" <<CONF
+worker_processes 2; daemon off; pid $d/proxy.pid; error_log $d/proxy.err;
+events { worker_connections 4096; }
+http { access_log off;
+  client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;
+  server { listen 127.0.0.1:18181; location / { proxy_pass http://127.0.0.1:18169; } } }
+CONF
+  sed -e 's|127.0.0.1:18080|127.0.0.1:18180|' -e 's|127.0.0.1:18901|127.0.0.1:18902|' \
+      -e 's|127.0.0.1:18069|127.0.0.1:18169|' "$OUT/erpgate-log-off.toml" >"$d/erpgate.toml"
+  nginx -p "$d" -c "$d/up.conf" >/dev/null 2>&1 & pids+=($!)
+  nginx -p "$d" -c "$d/proxy.conf" >/dev/null 2>&1 & pids+=($!)
+  "$BIN" run --config "$d/erpgate.toml" >/dev/null 2>&1 & pids+=($!)
+  for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:18180/web/login && break; sleep 0.1; done
+  echo "upstream without keep-alive (wrk -t1 -c64 -d8s):"
+  for r in 1 2 3; do
+    for t in nginx:18181 erpgate:18180; do
+      printf '%-8s round %s: ' "${t%%:*}" "$r"
+      wrk -t1 -c64 -d8s --latency "http://127.0.0.1:${t##*:}/web/login" 2>&1 \
+        | awk '/Requests\/sec/ {rps=$2} / 99%/ {p99=$2} END {print rps " req/s, p99 " p99}'
+    done
+  done
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$d"
+}
+close_upstream_case
 
 IDLE_N=${IDLE_N:-6000} cargo bench --bench idle_memory
