@@ -58,6 +58,22 @@ fn metrics(gw: &Erpgate) -> BTreeMap<String, f64> {
     parse_metrics(&body)
 }
 
+/// The metrics once `ready` holds (or after 5 s): a request is counted when it is logged,
+/// just after its answer went out, so a client can be a moment ahead of the counters.
+fn metrics_when(
+    gw: &Erpgate,
+    ready: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(gw);
+        if ready(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn config(odoo: &FakeOdoo, extra_pool: &str) -> String {
     format!(
         r#"
@@ -103,7 +119,13 @@ fn metrics_report_exactly_the_requests_made() {
         let r = request(gw.http, "POST", "/xmlrpc/2/common", &[], Some(b"<x/>"));
         assert_eq!(r.status, expected);
     }
-    let m = metrics(&gw);
+    let total = |m: &BTreeMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("erpgate_requests_total{"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let m = metrics_when(&gw, |m| total(m) >= 8.0);
     let v = |k: &str| {
         m.get(k)
             .copied()
@@ -129,12 +151,7 @@ fn metrics_report_exactly_the_requests_made() {
         v(r#"erpgate_requests_total{class="integration",pool="web",status="429",zone="-"}"#),
         1.0
     );
-    let total: f64 = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("erpgate_requests_total{"))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(total, 8.0, "{m:#?}");
+    assert_eq!(total(&m), 8.0, "{m:#?}");
     assert_eq!(v(r#"erpgate_denied_total{class="admin",reason="ip"}"#), 1.0);
     assert_eq!(v(r#"erpgate_rate_limited_total{class="integration"}"#), 1.0);
     assert_eq!(
@@ -281,7 +298,9 @@ fn a_maintenance_window_blocks_users_lets_admins_through_and_lifts_at_its_end() 
         200
     );
     assert_eq!(odoo.requests().len(), 1);
-    let m = metrics(&gw);
+    let m = metrics_when(&gw, |m| {
+        m.contains_key(r#"erpgate_denied_total{class="user",reason="maintenance"}"#)
+    });
     assert_eq!(m.get("erpgate_maintenance_active"), Some(&1.0));
     assert_eq!(
         m.get(r#"erpgate_denied_total{class="user",reason="maintenance"}"#),

@@ -107,6 +107,8 @@ impl FakeOdoo {
             crashed: tokio::sync::watch::Sender::new(false),
         });
         let opts = Arc::new(opts);
+        super::release(web.port());
+        super::release(gevent.port());
         let (web, gevent) = runtime.block_on(async {
             let web = TcpListener::bind(web).await.expect("bind web");
             let gevent = TcpListener::bind(gevent).await.expect("bind gevent");
@@ -122,7 +124,15 @@ impl FakeOdoo {
                 loop {
                     let accepted = tokio::select! {
                         a = listener.accept() => a,
-                        _ = crashed.wait_for(|c| *c) => return,
+                        _ = crashed.wait_for(|c| *c) => {
+                            // Dead: its port refuses connections and stays this test's.
+                            let port = listener.local_addr().map(|a| a.port());
+                            drop(listener);
+                            if let Ok(port) = port {
+                                super::reserve(port);
+                            }
+                            return;
+                        }
                     };
                     let Ok((stream, peer)) = accepted else {
                         continue;
@@ -213,6 +223,9 @@ impl Drop for FakeOdoo {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+        // A stopped Odoo's ports refuse connections until a test restarts it there.
+        super::reserve(self.web.port());
+        super::reserve(self.gevent.port());
     }
 }
 

@@ -12,18 +12,58 @@ pub use client::*;
 #[allow(unused_imports)]
 pub use fake_odoo::*;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
-/// A port nothing listens on right now (bound to 127.0.0.1:0 and released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// Ports this test process keeps bound (not listening, `SO_REUSEADDR`): no other test in the
+/// process gets them from the kernel for a port-0 bind, while erpgate and fakes, which bind
+/// them by number with `SO_REUSEADDR`, still can (Linux refuses such a bind only next to a
+/// listening socket). Without this, a port a test released (a stopped fake Odoo, an address
+/// meant to refuse connections, a port picked for erpgate) could be handed to a fake Odoo of
+/// a test running in parallel.
+static RESERVED: Mutex<Vec<(u16, socket2::Socket)>> = Mutex::new(Vec::new());
+
+fn reserved() -> std::sync::MutexGuard<'static, Vec<(u16, socket2::Socket)>> {
+    RESERVED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An address on loopback where connections are refused.
+fn bound_socket(port: u16) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(s)
+}
+
+/// A loopback port nothing listens on, kept from the kernel's port-0 binds (see
+/// `RESERVED`) until `release`.
+pub fn free_port() -> u16 {
+    let s = bound_socket(0).expect("bind 127.0.0.1:0");
+    let port = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.port())
+        .expect("port");
+    reserved().push((port, s));
+    port
+}
+
+/// Keeps `port` (just given up by a listener of this process) from other tests; a port that
+/// cannot be bound now is left alone.
+pub fn reserve(port: u16) {
+    if let Ok(s) = bound_socket(port) {
+        reserved().push((port, s));
+    }
+}
+
+/// Gives a reserved port back (before listening on it again).
+pub fn release(port: u16) {
+    reserved().retain(|(p, _)| *p != port);
+}
+
+/// An address on loopback where connections are refused: a reserved port nobody listens on.
 pub fn refused_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
