@@ -236,16 +236,11 @@ async fn respond_maintenance(
             ))
         }
     };
-    let mut resp = ResponseHeader::build(503, Some(6))?;
-    resp.insert_header(header::RETRY_AFTER, retry.to_string())?;
-    resp.insert_header(header::CONTENT_TYPE, "text/html; charset=utf-8")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-    ctx.own_status = Some(503);
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    let extra = [
+        ("retry-after", retry.to_string()),
+        ("content-type", "text/html; charset=utf-8".to_string()),
+    ];
+    send_own(session, ctx, 503, false, body, &extra).await
 }
 
 /// Writes a short plain-text answer of erpgate's own.
@@ -253,8 +248,8 @@ async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -
     respond_with(session, ctx, code, close, &[]).await
 }
 
-/// The head of a plain-text answer of erpgate's own (`body_len` bytes), with the request id;
-/// a 503 says when to come back.
+/// The head of an answer of erpgate's own (`body_len` bytes), with the request id: plain text
+/// unless `extra` says otherwise; a 503 says when to come back (1 s unless `extra` says).
 fn own_response_head(
     code: u16,
     body_len: usize,
@@ -265,10 +260,10 @@ fn own_response_head(
     if code == 503 {
         resp.insert_header(header::RETRY_AFTER, "1")?;
     }
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     for (k, v) in extra {
         resp.insert_header(*k, v.as_str())?;
     }
-    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
     resp.insert_header(X_REQUEST_ID, request_id)?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
@@ -283,6 +278,7 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
+/// A short plain-text answer of erpgate's own, with more headers.
 async fn respond_with(
     session: &mut Session,
     ctx: &mut Ctx,
@@ -291,6 +287,18 @@ async fn respond_with(
     extra: &[(&'static str, String)],
 ) -> Result<()> {
     let body = Bytes::from(format!("{code} {}\n", reason(code)));
+    send_own(session, ctx, code, close, body, extra).await
+}
+
+/// Writes an answer of erpgate's own (see [`own_response_head`]).
+async fn send_own(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    code: u16,
+    close: bool,
+    body: Bytes,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
     let resp = own_response_head(code, body.len(), &ctx.request_id, extra)?;
     if close {
         session.set_keepalive(None);
@@ -982,16 +990,10 @@ impl ProxyHttp for ErpGate {
         let (code, why) = status_for(e);
         if code > 0 && session.response_written().is_none() {
             let body = Bytes::from(format!("{code} {why}\n"));
-            let sent = async {
-                if ctx.request_id.is_empty() {
-                    ctx.request_id = forwarded::new_request_id();
-                }
-                let resp = own_response_head(code, body.len(), &ctx.request_id, &[])?;
-                session.set_keepalive(None);
-                session.write_response_header(Box::new(resp), false).await?;
-                session.write_response_body(Some(body), true).await
-            };
-            if let Err(err) = sent.await {
+            if ctx.request_id.is_empty() {
+                ctx.request_id = forwarded::new_request_id();
+            }
+            if let Err(err) = send_own(session, ctx, code, true, body, &[]).await {
                 tracing::debug!("could not send error response: {err}");
             }
         }
