@@ -139,7 +139,7 @@ impl ServeHttp for AdminApp {
                 let body = serde_json::json!({
                     "source": cfg.source,
                     "generation": self.reload.generation.load(Ordering::Relaxed),
-                    "hash": st.hash,
+                    "hash": cfg.source_hash,
                     "loaded_at": rfc3339(st.loaded_at),
                     "started_at": rfc3339(self.started),
                     "started_at_unix": unix(self.started),

@@ -102,7 +102,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let client_ca = cfg.tls.as_ref().and_then(|t| t.client_ca.clone());
     crate::dns::resolve_blocking(&cfg);
     let store = Arc::new(ArcSwap::from_pointee(cfg));
-    let stats = Arc::new(crate::config::reload::ReloadStats::new(path));
+    let stats = Arc::new(crate::config::reload::ReloadStats::new());
     let on_swap: crate::config::reload::OnSwap = {
         let resolver = resolver.clone();
         Box::new(move |cfg: &Config| {

@@ -90,16 +90,10 @@ impl ServerState {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
     pub fn last_probe(&self) -> Option<Probe> {
-        match self.last_probe.lock() {
-            Ok(p) => p.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::lock(&self.last_probe).clone()
     }
     pub fn set_last_probe(&self, probe: Probe) {
-        match self.last_probe.lock() {
-            Ok(mut p) => *p = Some(probe),
-            Err(p) => *p.into_inner() = Some(probe),
-        }
+        *crate::lock(&self.last_probe) = Some(probe);
     }
     /// A connection to it failed: down at once (passive check); probes bring it back.
     /// Returns whether this changed its state.

@@ -127,9 +127,7 @@ pub struct Tunnel {
     pub forced: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Tunnel {
     /// What the browser sent (`data`), as it should go on to Odoo.

@@ -135,6 +135,7 @@ impl Compiler<'_> {
         }
         Some(Config {
             source: self.file.to_string(),
+            source_hash: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(self.text.as_bytes())),
             listen: listen?,
             network,
             server,

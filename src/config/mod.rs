@@ -72,6 +72,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 #[derive(Debug)]
 pub struct Config {
     pub source: String,
+    /// xxh3 of the file's text, as hex: which edit of the file serves.
+    pub source_hash: String,
     pub listen: Listen,
     pub network: Network,
     pub server: ServerSettings,

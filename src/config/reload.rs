@@ -33,45 +33,36 @@ pub struct ReloadStats {
 #[derive(Debug, Clone)]
 pub struct Status {
     pub loaded_at: std::time::SystemTime,
-    /// xxh3 of the file's bytes, as hex.
-    pub hash: String,
     /// When and why the last reload failed (cleared by a successful one).
     pub last_error: Option<(std::time::SystemTime, String)>,
 }
 
 impl ReloadStats {
-    /// For the config loaded at start from `path`.
-    pub fn new(path: &Path) -> ReloadStats {
+    /// For the config loaded at start.
+    pub fn new() -> ReloadStats {
         ReloadStats {
             generation: AtomicU64::new(1),
             failed: AtomicU64::new(0),
             status: std::sync::Mutex::new(Status {
                 loaded_at: std::time::SystemTime::now(),
-                hash: file_hash(path),
                 last_error: None,
             }),
         }
     }
 
     pub fn status(&self) -> Status {
-        match self.status.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::lock(&self.status).clone()
     }
 
     fn set(&self, f: impl FnOnce(&mut Status)) {
-        match self.status.lock() {
-            Ok(mut s) => f(&mut s),
-            Err(p) => f(&mut p.into_inner()),
-        }
+        f(&mut crate::lock(&self.status))
     }
 }
 
-fn file_hash(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
-        .unwrap_or_default()
+impl Default for ReloadStats {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn count(result: &str) {
@@ -179,7 +170,6 @@ pub fn reload(path: &Path, store: &ArcSwap<Config>, stats: &ReloadStats, why: &s
             stats.generation.fetch_add(1, Ordering::Relaxed);
             stats.set(|s| {
                 s.loaded_at = std::time::SystemTime::now();
-                s.hash = file_hash(path);
                 s.last_error = None;
             });
             count("ok");
