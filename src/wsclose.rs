@@ -171,11 +171,15 @@ impl Tunnel {
 /// The WebSockets open now.
 static OPEN: Mutex<Vec<Weak<Tunnel>>> = Mutex::new(Vec::new());
 
-/// Registers a new WebSocket's tunnel.
+/// Registers a new WebSocket's tunnel. Closed ones are swept out when the list is full
+/// (its capacity reached), so a registration costs O(1) on average, not a scan of every
+/// open socket.
 pub fn register() -> Arc<Tunnel> {
     let t = Arc::new(Tunnel::default());
     let mut open = lock(&OPEN);
-    open.retain(|w| w.strong_count() > 0);
+    if open.len() == open.capacity() {
+        open.retain(|w| w.strong_count() > 0);
+    }
     open.push(Arc::downgrade(&t));
     t
 }
