@@ -7,6 +7,7 @@ pub mod affinity;
 pub mod audit;
 pub mod classify;
 pub mod config;
+pub mod conn;
 pub mod dns;
 pub mod errors;
 pub mod forwarded;

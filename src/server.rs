@@ -3,12 +3,13 @@
 
 use crate::admin::AdminApp;
 use crate::config::{Config, LogFormat, LogSettings};
+use crate::conn::Connections;
 use crate::proxy::ErpGate;
 use crate::tls::{CertSet, Resolver};
 use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::ListenerConfig;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -74,11 +75,14 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Read buffer of a client connection: Pingora's default is 64 KiB, allocated and touched for
-/// every connection, idle ones too; request heads and bodies stream through a 4 KiB one as
-/// fast (benches/load.sh), at a sixteenth of the memory per idle connection.
+/// Buffers of a client connection. Pingora's default read buffer is 64 KiB, allocated and
+/// zero-filled for every connection, idle ones too. Reads of request heads and bodies at
+/// least as large as the buffer bypass it (into Pingora's own buffers), so 1 KiB costs no
+/// throughput and keeps 1 KiB per connection (4 KiB: 3 KiB more per idle connection, same
+/// req/s; no buffers at all: about a tenth fewer req/s, 22.3k against 25.4k in one run of
+/// peers.sh). benches/load.sh and the idle_memory bench measure it.
 fn client_buffers() -> pingora::protocols::l4::stream::L4BufferSettings {
-    pingora::protocols::l4::stream::L4BufferSettings::new(4096, 1460)
+    pingora::protocols::l4::stream::L4BufferSettings::new(1024, 1460)
 }
 
 /// No per-handshake callbacks: erpgate reads what it needs from the session's TLS digest.
@@ -141,10 +145,12 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let mut proxy = http_proxy_service_with_name(
-        &server.configuration,
-        ErpGate::new(store.clone()),
-        "erpgate proxy",
+    let mut proxy = Service::new(
+        "erpgate proxy".to_string(),
+        Connections::new(
+            http_proxy(&server.configuration, ErpGate::new(store.clone())),
+            store.clone(),
+        ),
     );
     for addr in &http {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));

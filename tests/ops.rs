@@ -338,6 +338,71 @@ fn sigterm_lets_a_slow_request_finish_then_exits_0() {
 }
 
 #[test]
+fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
+    let odoo = FakeOdoo::start();
+    let body = "[server]\nkeepalive_timeout = \"1s\"\n".to_string() + &config(&odoo, "");
+    let gw = Erpgate::start(&body);
+    let req = b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n";
+
+    // Requests closer together than the limit share the connection.
+    let mut conn = Conn::open(gw.http);
+    for _ in 0..3 {
+        assert_eq!(conn.send(req).status, 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(conn.send(req).status, 200);
+    let idle = conn.closed_within(Duration::from_secs(5));
+    assert!(idle.is_some(), "an idle keep-alive connection stayed open");
+
+    // A connection that never sends a byte, and one that stops in the middle of a head.
+    let mut silent = Conn::open(gw.http);
+    assert!(silent.closed_within(Duration::from_secs(5)).is_some());
+    let mut stalled = Conn::open(gw.http);
+    assert_eq!(stalled.send(req).status, 200);
+    stalled
+        .write(b"GET /web/login HTTP/1.1\r\nHost: erp")
+        .expect("write");
+    assert!(stalled.closed_within(Duration::from_secs(5)).is_some());
+    // Odoo saw only the complete requests.
+    let seen = odoo
+        .requests()
+        .iter()
+        .filter(|r| !r.is_health_probe())
+        .count();
+    assert_eq!(seen, 5);
+}
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let odoo = FakeOdoo::start();
+    let body = "[server]\ngrace_period = \"5s\"\nshutdown_timeout = \"1s\"\n".to_string()
+        + &config(&odoo, "");
+    let mut gw = Erpgate::start(&body);
+    let mut idle: Vec<Conn> = (0..3)
+        .map(|_| {
+            let mut c = Conn::open(gw.http);
+            let r = c.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+            assert_eq!(r.status, 200);
+            c
+        })
+        .collect();
+    gw.signal("TERM");
+    for c in &mut idle {
+        let took = c.closed_within(Duration::from_secs(5));
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(3)),
+            "idle connection closed after {took:?}, not at once (grace period 5 s)"
+        );
+    }
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
 fn sigterm_closes_open_websockets_with_a_close_frame() {
     let odoo = FakeOdoo::start();
     let body = format!(

@@ -305,6 +305,11 @@ impl Compiler<'_> {
                 },
                 None => 64 * 1024,
             },
+            keepalive_timeout: self.duration_or(
+                &s.keepalive_timeout,
+                "server.keepalive_timeout",
+                DEFAULT_KEEPALIVE_TIMEOUT,
+            ),
         }
     }
 

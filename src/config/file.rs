@@ -84,6 +84,7 @@ pub struct Server {
     pub shutdown_timeout: Option<Str>,
     pub upgrade_sock: Option<Str>,
     pub max_request_header: Option<Str>,
+    pub keepalive_timeout: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -230,6 +230,9 @@ pub struct ServerSettings {
     pub upgrade_sock: std::path::PathBuf,
     /// Largest request head (request line and headers) accepted; beyond it: 431.
     pub max_request_header: usize,
+    /// How long a client connection may sit idle between requests (and how long the next
+    /// request's head may take to arrive) before it is closed.
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +282,8 @@ pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 pub const MAX_ATTEMPTS_LIMIT: usize = 16;
 /// Default `resolve_interval`.
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `[server] keepalive_timeout` (Pingora's own wait for a first request).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Pool {
     /// Whether any server is given by host name (and so needs resolving).

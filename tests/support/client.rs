@@ -63,6 +63,32 @@ impl Conn {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, status_line))
     }
+    /// Waits up to `within` for erpgate to close the connection (end of stream or reset,
+    /// nothing else received): how long it took, or `None` if it stayed open.
+    pub fn closed_within(&mut self, within: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        let mut tmp = [0u8; 512];
+        while start.elapsed() < within {
+            let left = within
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(1));
+            self.s.set_read_timeout(Some(left)).ok()?;
+            match self.s.read(&mut tmp) {
+                Ok(0) => return Some(start.elapsed()),
+                Ok(n) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&tmp[..n])),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Some(start.elapsed())
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        None
+    }
     pub fn read_response(&mut self) -> Response {
         self.try_read_response(false).expect("read response")
     }

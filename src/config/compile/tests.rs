@@ -42,7 +42,28 @@ fn minimal_config_compiles_with_defaults() {
     assert_eq!(c.max_body, Some(DEFAULT_MAX_BODY));
     assert_eq!(c.timeouts, Timeouts::default());
     assert_eq!(cfg.server.max_request_header, 64 * 1024);
+    assert_eq!(cfg.server.keepalive_timeout, DEFAULT_KEEPALIVE_TIMEOUT);
     assert_eq!(cfg.log.format, LogFormat::Human);
+}
+
+#[test]
+fn keepalive_timeout_is_a_duration_longer_than_zero() {
+    let cfg = parse(
+        &format!("{MINIMAL}\n[server]\nkeepalive_timeout = \"15s\"\n"),
+        "t.toml",
+        None,
+    )
+    .expect("valid");
+    assert_eq!(cfg.server.keepalive_timeout, Duration::from_secs(15));
+    for bad in ["0s", "soon"] {
+        let errs = errors(&format!(
+            "{MINIMAL}\n[server]\nkeepalive_timeout = \"{bad}\"\n"
+        ));
+        assert!(
+            has(&errs, "t.toml:13:21: server.keepalive_timeout: "),
+            "{errs:?}"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,125 @@
+//! The loop a client connection lives in between requests.
+//!
+//! Pingora's own HTTP/1 loop starts the whole proxy task for the next request (a boxed future
+//! of about 13 KiB, a session and a 4 KiB header buffer) as soon as the previous one is done,
+//! and holds it while the connection sits idle, with no time limit after the first request.
+//! At month-end thousands of Odoo tabs keep a connection open; this loop waits for the first
+//! byte of the next request holding only the socket, and only then hands the connection to
+//! the proxy (the byte goes in front of the request head, so nothing is read twice). An idle
+//! connection is closed after `[server] keepalive_timeout`, and at once on shutdown.
+//! HTTP/2 connections (TLS with ALPN h2) take Pingora's own path.
+
+use crate::config::Config;
+use crate::proxy::ErpGate;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// Capacity of the buffer a request head is parsed in (Pingora's own initial size).
+const HEAD_BUF: usize = 4096;
+
+pub struct Connections {
+    proxy: Arc<HttpProxy<ErpGate>>,
+    store: Arc<ArcSwap<Config>>,
+}
+
+impl Connections {
+    pub fn new(proxy: HttpProxy<ErpGate>, store: Arc<ArcSwap<Config>>) -> Self {
+        Connections {
+            proxy: Arc::new(proxy),
+            store,
+        }
+    }
+
+    fn keepalive(&self) -> Duration {
+        self.store.load().server.keepalive_timeout
+    }
+}
+
+/// Waits for the first byte of the next request. `None`: the client closed, the connection
+/// broke, it stayed idle for `idle`, or erpgate is shutting down.
+async fn first_byte(stream: &mut Stream, idle: Duration, shutdown: &ShutdownWatch) -> Option<u8> {
+    if *shutdown.borrow() {
+        return None;
+    }
+    let mut stop = shutdown.clone();
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        biased;
+        r = tokio::time::timeout(idle, stream.read(&mut byte)) => match r {
+            Ok(Ok(1)) => Some(byte[0]),
+            _ => None,
+        },
+        _ = stop.changed() => None,
+    }
+}
+
+/// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[async_trait]
+impl ServerApp for Connections {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if matches!(
+            stream.selected_alpn_proto(),
+            Some(ALPN::H2) | Some(ALPN::Custom(_))
+        ) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let mut carried: Option<HttpPersistentSettings> = None;
+        loop {
+            let idle = self.keepalive();
+            let first = first_byte(&mut stream, idle, shutdown).await?;
+            let mut session = ServerSession::new_http1(stream);
+            match carried.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => session.set_keepalive_reuses_remaining(
+                    self.proxy
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                ),
+            }
+            let mut head = BytesMut::with_capacity(HEAD_BUF);
+            head.extend_from_slice(&[first]);
+            session.set_pipelined_prefix(head);
+            // The rest of the head must come within the same limit (Pingora would otherwise
+            // wait for it without end on a reused connection).
+            session.set_keepalive(Some(whole_secs(idle)));
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let (next, settings) = reused.consume();
+            stream = next;
+            carried = settings;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_secs;
+    use std::time::Duration;
+
+    #[test]
+    fn pingora_gets_whole_seconds_never_zero() {
+        assert_eq!(whole_secs(Duration::from_secs(60)), 60);
+        assert_eq!(whole_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_secs(Duration::from_millis(10)), 1);
+    }
+}
