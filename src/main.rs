@@ -2,19 +2,24 @@
 #![forbid(unsafe_code)]
 
 /// mimalloc: in benches/load.sh it serves about 30 % more requests per second than glibc
-/// malloc. With its default options it keeps freed memory committed, which costs idle
-/// WebSockets 131 KiB each instead of 54 KiB (benches/idle_memory.rs): see
+/// malloc. With its default options it commits memory ahead and keeps freed memory, which
+/// costs idle WebSockets 165 KiB each instead of 50-58 KiB (benches/idle_memory.rs): see
 /// [`tune_allocator`].
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc options erpgate runs with unless the environment sets them: return freed memory
-/// to the system at once, and commit arena memory as it is used, not ahead. mimalloc reads
-/// its options from the environment when the process starts, before `main`, so erpgate starts
-/// itself again (the same process, `exec`) with them set. Measured: no change in requests
-/// per second beyond run-to-run noise; idle memory 11 MiB instead of 25 MiB.
+/// mimalloc options erpgate runs with unless the environment sets them: commit arena memory
+/// as it is used, not ahead (idle after start: 11 MiB instead of 25 MiB), and give freed
+/// memory back to the system 10 ms after it is freed (mimalloc's default keeps it until the
+/// heap is busy again: 3,000 closed connections left 54 MiB resident instead of 29 MiB).
+/// Not at once (`MIMALLOC_PURGE_DELAY=0`): that held no connection in less memory and cost
+/// a tenth of the requests per second (peers.sh, one run: 25.0k against 27.3k req/s), since
+/// every purge is an madvise whose TLB flush interrupts the other cores (2 % of erpgate's
+/// CPU time in `perf`). mimalloc reads its options from the environment when the process
+/// starts, before `main`, so erpgate starts itself again (the same process, `exec`) with
+/// them set.
 const ALLOCATOR_OPTIONS: [(&str, &str); 2] = [
-    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_PURGE_DELAY", "10"),
     ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
 ];
 
