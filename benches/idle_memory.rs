@@ -2,12 +2,14 @@
 //!
 //! Starts a stand-in Odoo in this process (an HTTP/1.1 keep-alive server for the web pool
 //! and a WebSocket server for the gevent pool), runs the release erpgate binary in front of
-//! it, and reads erpgate's RSS (`/proc/PID/status`, VmRSS) when idle, while holding N idle
-//! keep-alive HTTP connections, and while holding N idle WebSockets (each upgraded through
-//! erpgate to the gevent pool). Prints KiB per connection. N is `IDLE_N` (default 6,000:
-//! erpgate holds three descriptors per WebSocket (client socket, Odoo socket, and the
-//! duplicate it keeps to close it properly), and this machine caps a process at 20,000 open
-//! files, hard limit). Under `cargo test` it runs once with 50 connections, as a smoke test.
+//! it, and reads erpgate's RSS (`/proc/PID/status`, VmRSS) when idle, then while holding N
+//! connections that have sent nothing, N idle keep-alive HTTP connections, and N idle
+//! WebSockets (each upgraded through erpgate to the gevent pool), one set after the other.
+//! Per connection: RSS above the idle RSS at start, over N (memory a closed set freed may be
+//! reused by the next). N is `IDLE_N` (default 6,000: erpgate holds three descriptors per
+//! WebSocket (client socket, Odoo socket, and the duplicate it keeps to close it properly),
+//! and this machine caps a process at 20,000 open files, hard limit). Under `cargo test` it
+//! runs once with 50 connections, as a smoke test.
 
 use futures_util::StreamExt;
 use std::io::{Read, Write};
@@ -166,6 +168,15 @@ fn main() {
     }
     let idle = settle(pid);
 
+    // N connections that have sent nothing yet: what holding a socket costs before any
+    // request (Pingora's accept task and erpgate's wait for the first byte).
+    let silent: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let with_silent = settle(pid);
+    drop(silent);
+    std::thread::sleep(Duration::from_secs(1));
+
     // N idle keep-alive HTTP connections, each after one request.
     let conns: Vec<std::net::TcpStream> = (0..n)
         .map(|_| {
@@ -218,6 +229,11 @@ fn main() {
     println!("|---|---|---|");
     println!("| idle, after start | {:.1} MiB | |", idle as f64 / 1024.0);
     println!(
+        "| {n} connections that sent nothing yet | {:.1} MiB | {:.2} KiB |",
+        with_silent as f64 / 1024.0,
+        (with_silent.saturating_sub(idle)) as f64 / n as f64
+    );
+    println!(
         "| {n} idle keep-alive HTTP connections | {:.1} MiB | {:.2} KiB |",
         with_http as f64 / 1024.0,
         (with_http.saturating_sub(idle)) as f64 / n as f64
@@ -229,7 +245,7 @@ fn main() {
     println!(
         "| {n} idle WebSockets (two sockets each in erpgate) | {:.1} MiB | {:.2} KiB |",
         with_ws as f64 / 1024.0,
-        (with_ws.saturating_sub(after_http)) as f64 / n as f64
+        (with_ws.saturating_sub(idle)) as f64 / n as f64
     );
     drop(sockets);
 }
