@@ -6,7 +6,8 @@
 //! At month-end thousands of Odoo tabs keep a connection open; this loop waits for the first
 //! byte of the next request holding only the socket, and only then hands the connection to
 //! the proxy (the byte goes in front of the request head, so nothing is read twice). An idle
-//! connection is closed after `[server] keepalive_timeout`, and at once on shutdown.
+//! connection is closed after `[server] keepalive_timeout`; on shutdown an idle keep-alive
+//! connection is closed at once, while a new one still gets its first request answered.
 //! HTTP/2 connections (TLS with ALPN h2) take Pingora's own path.
 
 use crate::config::Config;
@@ -45,21 +46,28 @@ impl Connections {
 }
 
 /// Waits for the first byte of the next request. `None`: the client closed, the connection
-/// broke, it stayed idle for `idle`, or erpgate is shutting down.
-async fn first_byte(stream: &mut Stream, idle: Duration, shutdown: &ShutdownWatch) -> Option<u8> {
-    if *shutdown.borrow() {
-        return None;
-    }
-    let mut stop = shutdown.clone();
+/// broke, or it stayed idle for `idle`. On shutdown an idle keep-alive connection is closed
+/// at once (bytes already there are still read first), but a new connection is waited for:
+/// it was accepted before the listeners closed, and its first request is on its way.
+async fn first_byte(
+    stream: &mut Stream,
+    idle: Duration,
+    shutdown: &ShutdownWatch,
+    fresh: bool,
+) -> Option<u8> {
     let mut byte = [0u8; 1];
-    tokio::select! {
-        biased;
-        r = tokio::time::timeout(idle, stream.read(&mut byte)) => match r {
-            Ok(Ok(1)) => Some(byte[0]),
-            _ => None,
-        },
-        _ = stop.changed() => None,
-    }
+    let read = tokio::time::timeout(idle, stream.read(&mut byte));
+    let arrived = if fresh {
+        matches!(read.await, Ok(Ok(1)))
+    } else {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            biased;
+            r = read => matches!(r, Ok(Ok(1))),
+            _ = stop.wait_for(|stopping| *stopping) => false,
+        }
+    };
+    arrived.then_some(byte[0])
 }
 
 /// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).
@@ -83,7 +91,8 @@ impl ServerApp for Connections {
         let mut carried: Option<HttpPersistentSettings> = None;
         loop {
             let idle = self.keepalive();
-            let first = first_byte(&mut stream, idle, shutdown).await?;
+            let fresh = carried.is_none();
+            let first = first_byte(&mut stream, idle, shutdown, fresh).await?;
             let mut session = ServerSession::new_http1(stream);
             match carried.take() {
                 Some(settings) => settings.apply_to_session(&mut session),

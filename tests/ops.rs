@@ -403,6 +403,27 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
 }
 
 #[test]
+fn a_connection_accepted_before_sigterm_gets_its_first_request_answered() {
+    let odoo = FakeOdoo::start();
+    let body = "[server]\ngrace_period = \"3s\"\nshutdown_timeout = \"1s\"\n".to_string()
+        + &config(&odoo, "");
+    let mut gw = Erpgate::start(&body);
+    let mut early = Conn::open(gw.http);
+    // Let erpgate accept it, stop, then send the request on it.
+    std::thread::sleep(Duration::from_millis(300));
+    gw.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = early.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
 fn sigterm_closes_open_websockets_with_a_close_frame() {
     let odoo = FakeOdoo::start();
     let body = format!(

@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::erpgate::Erpgate;
 use support::tls::*;
 use support::*;
@@ -112,6 +112,49 @@ fn sni_picks_the_certificate_and_both_http_versions_reach_odoo_as_https() {
 }
 
 /// A TLS 1.1 ClientHello: legacy version 3.2, no supported_versions extension.
+#[test]
+fn idle_https_connections_close_after_keepalive_timeout_in_both_http_versions() {
+    let odoo = FakeOdoo::start();
+    let (c, k) = default_pair();
+    let body =
+        "[server]\nkeepalive_timeout = \"1s\"\n".to_string() + &tls_config(&odoo, "", (&c, &k));
+    let gw = Erpgate::start_tls(&body);
+    // HTTP/1.1 over TLS: a keep-alive request, then silence.
+    let h1 = Client {
+        alpn: vec![b"http/1.1".to_vec()],
+        ..Client::default()
+    };
+    let mut s = h1.connect(gw.https, Some("localhost")).expect("h1");
+    write!(s, "GET /odoo HTTP/1.1\r\nHost: erp.test\r\n\r\n").expect("write");
+    s.flush().expect("flush");
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // Closed without close_notify, or reset: closed all the same.
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break true,
+            Err(_) => break false,
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        closed && started.elapsed() < Duration::from_secs(4),
+        "TLS keep-alive connection closed: {closed}, after {:?}",
+        started.elapsed()
+    );
+    // HTTP/2: the idle connection is closed too.
+    let (status, closed) = h2_get_then_idle(gw.https, "/odoo?v=2", Duration::from_secs(5));
+    assert_eq!(status, 200);
+    assert!(closed.is_some(), "an idle HTTP/2 connection stayed open");
+}
+
 fn tls11_client_hello() -> Vec<u8> {
     let mut body = vec![0x03, 0x02];
     body.extend_from_slice(&[7u8; 32]); // random
