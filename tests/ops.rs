@@ -106,6 +106,25 @@ pool = "web"
     )
 }
 
+/// erpgate on `config` with `[server] grace_period` set, for the SIGTERM tests.
+fn start_with_grace(odoo: &FakeOdoo, grace: &str) -> Erpgate {
+    let body = format!(
+        "[server]\ngrace_period = \"{grace}\"\nshutdown_timeout = \"1s\"\n{}",
+        config(odoo, "")
+    );
+    Erpgate::start(&body)
+}
+
+/// After SIGTERM: erpgate exits 0 in time.
+fn exits_cleanly(gw: &mut Erpgate) {
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+}
+
 #[test]
 fn metrics_report_exactly_the_requests_made() {
     let odoo = FakeOdoo::start();
@@ -320,21 +339,14 @@ fn a_maintenance_window_blocks_users_lets_admins_through_and_lifts_at_its_end() 
 #[test]
 fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     let odoo = FakeOdoo::start();
-    let body = "[server]\ngrace_period = \"5s\"\nshutdown_timeout = \"1s\"\n".to_string()
-        + &config(&odoo, "");
-    let mut gw = Erpgate::start(&body);
+    let mut gw = start_with_grace(&odoo, "5s");
     let addr = gw.http;
     let slow = std::thread::spawn(move || get(addr, "/slow?ms=1500"));
     odoo.wait_for_requests(1, Duration::from_secs(5));
     gw.signal("TERM");
     let r = slow.join().expect("slow request");
     assert_eq!(r.status, 200, "{}", r.body_str());
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.log()
-    );
+    exits_cleanly(&mut gw);
 }
 
 #[test]
@@ -375,9 +387,7 @@ fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
 #[test]
 fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let odoo = FakeOdoo::start();
-    let body = "[server]\ngrace_period = \"5s\"\nshutdown_timeout = \"1s\"\n".to_string()
-        + &config(&odoo, "");
-    let mut gw = Erpgate::start(&body);
+    let mut gw = start_with_grace(&odoo, "5s");
     let mut idle: Vec<Conn> = (0..3)
         .map(|_| {
             let mut c = Conn::open(gw.http);
@@ -394,20 +404,13 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
             "idle connection closed after {took:?}, not at once (grace period 5 s)"
         );
     }
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.log()
-    );
+    exits_cleanly(&mut gw);
 }
 
 #[test]
 fn a_connection_accepted_before_sigterm_gets_its_first_request_answered() {
     let odoo = FakeOdoo::start();
-    let body = "[server]\ngrace_period = \"3s\"\nshutdown_timeout = \"1s\"\n".to_string()
-        + &config(&odoo, "");
-    let mut gw = Erpgate::start(&body);
+    let mut gw = start_with_grace(&odoo, "3s");
     let mut early = Conn::open(gw.http);
     // Let erpgate accept it, stop, then send the request on it.
     std::thread::sleep(Duration::from_millis(300));
@@ -415,12 +418,7 @@ fn a_connection_accepted_before_sigterm_gets_its_first_request_answered() {
     std::thread::sleep(Duration::from_millis(300));
     let r = early.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.body_str());
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.log()
-    );
+    exits_cleanly(&mut gw);
 }
 
 #[test]
@@ -464,11 +462,6 @@ fn sigterm_closes_open_websockets_with_a_close_frame() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.log()
-    );
+    exits_cleanly(&mut gw);
     assert!(gw.log().contains("closing 3 WebSocket(s)"), "{}", gw.log());
 }

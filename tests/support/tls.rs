@@ -183,49 +183,13 @@ pub fn https_get(
     Ok((status, text))
 }
 
-/// One HTTP/2 GET over TLS, then the connection is left idle: its status, and how long after
-/// the answer the server closed the connection (`None`: still open after `within`).
-pub fn h2_get_then_idle(addr: SocketAddr, path: &str, within: Duration) -> (u16, Option<Duration>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = Client {
-            alpn: vec![b"h2".to_vec()],
-            ..Client::default()
-        };
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client.config()));
-        let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let name = ServerName::try_from("localhost").expect("name");
-        let tls = connector.connect(name, sock).await.expect("TLS handshake");
-        let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-        let driver = tokio::spawn(conn);
-        let req = http::Request::builder()
-            .uri(format!("https://localhost{path}"))
-            .body(())
-            .expect("request");
-        let (resp, _) = send.send_request(req, true).expect("send");
-        let resp = resp.await.expect("response");
-        let status = resp.status().as_u16();
-        let mut body = resp.into_body();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.expect("body");
-            let _ = body.flow_control().release_capacity(chunk.len());
-        }
-        drop(body);
-        let answered = std::time::Instant::now();
-        let closed = tokio::time::timeout(within, driver)
-            .await
-            .ok()
-            .map(|_| answered.elapsed());
-        drop(send);
-        (status, closed)
-    })
-}
-
-/// An HTTP/2 GET over TLS (ALPN h2): (status, negotiated protocol, body).
-pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, Option<Vec<u8>>, String) {
+/// One HTTP/2 GET over TLS (ALPN h2), in a runtime of its own, then `after` with the
+/// connection's driver task (it ends when the connection closes).
+fn h2_exchange<T>(
+    addr: SocketAddr,
+    path: &str,
+    after: impl AsyncFnOnce(tokio::task::JoinHandle<Result<(), h2::Error>>) -> T,
+) -> (u16, Option<Vec<u8>>, String, T) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -241,9 +205,7 @@ pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, Option<Vec<u8>>, String) {
         let tls = connector.connect(name, sock).await.expect("TLS handshake");
         let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let driver = tokio::spawn(conn);
         let req = http::Request::builder()
             .uri(format!("https://localhost{path}"))
             .body(())
@@ -258,6 +220,33 @@ pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, Option<Vec<u8>>, String) {
             let _ = body.flow_control().release_capacity(chunk.len());
             out.extend_from_slice(&chunk);
         }
-        (status, alpn, String::from_utf8_lossy(&out).into_owned())
+        drop(body);
+        let then = after(driver).await;
+        drop(send);
+        (
+            status,
+            alpn,
+            String::from_utf8_lossy(&out).into_owned(),
+            then,
+        )
     })
+}
+
+/// An HTTP/2 GET over TLS (ALPN h2): (status, negotiated protocol, body).
+pub fn h2_get(addr: SocketAddr, path: &str) -> (u16, Option<Vec<u8>>, String) {
+    let (status, alpn, body, ()) = h2_exchange(addr, path, async |_| ());
+    (status, alpn, body)
+}
+
+/// One HTTP/2 GET over TLS, then the connection is left idle: its status, and how long after
+/// the answer the server closed the connection (`None`: still open after `within`).
+pub fn h2_get_then_idle(addr: SocketAddr, path: &str, within: Duration) -> (u16, Option<Duration>) {
+    let (status, _, _, closed) = h2_exchange(addr, path, async |driver| {
+        let answered = std::time::Instant::now();
+        tokio::time::timeout(within, driver)
+            .await
+            .ok()
+            .map(|_| answered.elapsed())
+    });
+    (status, closed)
 }
