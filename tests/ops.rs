@@ -385,6 +385,29 @@ fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
 }
 
 #[test]
+fn a_reloaded_keepalive_timeout_applies_to_the_next_wait() {
+    let odoo = FakeOdoo::start();
+    let gw = Erpgate::start(
+        &("[server]\nkeepalive_timeout = \"1h\"\n".to_string() + &config(&odoo, "")),
+    );
+    let req = b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n";
+    let mut conn = Conn::open(gw.http);
+    assert_eq!(conn.send(req).status, 200);
+    assert!(
+        conn.closed_within(Duration::from_millis(1500)).is_none(),
+        "closed before the hour was up"
+    );
+    gw.reload_with(&("[server]\nkeepalive_timeout = \"1s\"\n".to_string() + &config(&odoo, "")));
+    // The connection waiting since before the reload waits with the old limit; its next
+    // request, and new connections, with the new one.
+    assert_eq!(conn.send(req).status, 200);
+    assert!(conn.closed_within(Duration::from_secs(5)).is_some());
+    let mut fresh = Conn::open(gw.http);
+    assert_eq!(fresh.send(req).status, 200);
+    assert!(fresh.closed_within(Duration::from_secs(5)).is_some());
+}
+
+#[test]
 fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let odoo = FakeOdoo::start();
     let mut gw = start_with_grace(&odoo, "5s");
