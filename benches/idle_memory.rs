@@ -6,10 +6,11 @@
 //! connections that have sent nothing, N idle keep-alive HTTP connections, and N idle
 //! WebSockets (each upgraded through erpgate to the gevent pool), one set after the other.
 //! Per connection: RSS above the idle RSS at start, over N (memory a closed set freed may be
-//! reused by the next). N is `IDLE_N` (default 6,000: erpgate holds three descriptors per
-//! WebSocket (client socket, Odoo socket, and the duplicate it keeps to close it properly),
-//! and this machine caps a process at 20,000 open files, hard limit). Under `cargo test` it
-//! runs once with 50 connections, as a smoke test.
+//! reused by the next). N is `IDLE_N` for the HTTP connections (default 10,000) and
+//! `IDLE_WS` for the WebSockets (default 6,000: erpgate holds three descriptors per WebSocket
+//! (client socket, Odoo socket, and the duplicate it keeps to close it properly), and this
+//! machine caps a process at 20,000 open files, hard limit). Under `cargo test` it runs once
+//! with 50 of each, as a smoke test.
 
 use futures_util::StreamExt;
 use std::io::{Read, Write};
@@ -118,10 +119,14 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a smoke test with
     // a few connections.
     let measuring = std::env::args().any(|a| a == "--bench");
-    let n: usize = std::env::var("IDLE_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if measuring { 6000 } else { 50 });
+    let count = |var: &str, default: usize| -> usize {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if measuring { default } else { 50 })
+    };
+    let n = count("IDLE_N", 10_000);
+    let n_ws = count("IDLE_WS", 6_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -201,8 +206,8 @@ fn main() {
 
     // N idle WebSockets through erpgate to the gevent pool.
     let sockets = rt.block_on(async {
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
+        let mut v = Vec::with_capacity(n_ws);
+        for _ in 0..n_ws {
             let req = http::Request::builder()
                 .uri(format!("ws://{listen}/websocket"))
                 .header("Host", "localhost")
@@ -224,7 +229,7 @@ fn main() {
         v
     });
     let with_ws = settle(pid);
-    println!("erpgate idle memory (IDLE_N = {n}), VmRSS of the erpgate process:");
+    println!("erpgate idle memory (IDLE_N = {n}, IDLE_WS = {n_ws}), VmRSS of the erpgate process:");
     println!("| state | RSS | per connection |");
     println!("|---|---|---|");
     println!("| idle, after start | {:.1} MiB | |", idle as f64 / 1024.0);
@@ -243,9 +248,9 @@ fn main() {
         after_http as f64 / 1024.0
     );
     println!(
-        "| {n} idle WebSockets (two sockets each in erpgate) | {:.1} MiB | {:.2} KiB |",
+        "| {n_ws} idle WebSockets (two sockets each in erpgate) | {:.1} MiB | {:.2} KiB |",
         with_ws as f64 / 1024.0,
-        (with_ws.saturating_sub(idle)) as f64 / n as f64
+        (with_ws.saturating_sub(idle)) as f64 / n_ws as f64
     );
     drop(sockets);
 }
