@@ -89,10 +89,11 @@ impl ServerApp for Connections {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
         let mut carried: Option<HttpPersistentSettings> = None;
+        let mut fresh = true;
         loop {
             let idle = self.keepalive();
-            let fresh = carried.is_none();
             let first = first_byte(&mut stream, idle, shutdown, fresh).await?;
+            fresh = false;
             let mut session = ServerSession::new_http1(stream);
             match carried.take() {
                 Some(settings) => settings.apply_to_session(&mut session),
