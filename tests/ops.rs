@@ -106,6 +106,9 @@ pool = "web"
     )
 }
 
+/// A request that keeps its connection open (HTTP/1.1, no `Connection: close`).
+const KEEP_ALIVE_GET: &[u8] = b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n";
+
 /// erpgate on `config` with `[server] grace_period` set, for the SIGTERM tests.
 fn start_with_grace(odoo: &FakeOdoo, grace: &str) -> Erpgate {
     let body = format!(
@@ -354,15 +357,14 @@ fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
     let odoo = FakeOdoo::start();
     let body = "[server]\nkeepalive_timeout = \"1s\"\n".to_string() + &config(&odoo, "");
     let gw = Erpgate::start(&body);
-    let req = b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n";
 
     // Requests closer together than the limit share the connection.
     let mut conn = Conn::open(gw.http);
     for _ in 0..3 {
-        assert_eq!(conn.send(req).status, 200);
+        assert_eq!(conn.send(KEEP_ALIVE_GET).status, 200);
         std::thread::sleep(Duration::from_millis(400));
     }
-    assert_eq!(conn.send(req).status, 200);
+    assert_eq!(conn.send(KEEP_ALIVE_GET).status, 200);
     let idle = conn.closed_within(Duration::from_secs(5));
     assert!(idle.is_some(), "an idle keep-alive connection stayed open");
 
@@ -370,7 +372,7 @@ fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
     let mut silent = Conn::open(gw.http);
     assert!(silent.closed_within(Duration::from_secs(5)).is_some());
     let mut stalled = Conn::open(gw.http);
-    assert_eq!(stalled.send(req).status, 200);
+    assert_eq!(stalled.send(KEEP_ALIVE_GET).status, 200);
     stalled
         .write(b"GET /web/login HTTP/1.1\r\nHost: erp")
         .expect("write");
@@ -390,9 +392,8 @@ fn a_reloaded_keepalive_timeout_applies_to_the_next_wait() {
     let gw = Erpgate::start(
         &("[server]\nkeepalive_timeout = \"1h\"\n".to_string() + &config(&odoo, "")),
     );
-    let req = b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n";
     let mut conn = Conn::open(gw.http);
-    assert_eq!(conn.send(req).status, 200);
+    assert_eq!(conn.send(KEEP_ALIVE_GET).status, 200);
     assert!(
         conn.closed_within(Duration::from_millis(1500)).is_none(),
         "closed before the hour was up"
@@ -400,10 +401,10 @@ fn a_reloaded_keepalive_timeout_applies_to_the_next_wait() {
     gw.reload_with(&("[server]\nkeepalive_timeout = \"1s\"\n".to_string() + &config(&odoo, "")));
     // The connection waiting since before the reload waits with the old limit; its next
     // request, and new connections, with the new one.
-    assert_eq!(conn.send(req).status, 200);
+    assert_eq!(conn.send(KEEP_ALIVE_GET).status, 200);
     assert!(conn.closed_within(Duration::from_secs(5)).is_some());
     let mut fresh = Conn::open(gw.http);
-    assert_eq!(fresh.send(req).status, 200);
+    assert_eq!(fresh.send(KEEP_ALIVE_GET).status, 200);
     assert!(fresh.closed_within(Duration::from_secs(5)).is_some());
 }
 
@@ -414,7 +415,7 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let mut idle: Vec<Conn> = (0..3)
         .map(|_| {
             let mut c = Conn::open(gw.http);
-            let r = c.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+            let r = c.send(KEEP_ALIVE_GET);
             assert_eq!(r.status, 200);
             c
         })
@@ -439,7 +440,7 @@ fn a_connection_accepted_before_sigterm_gets_its_first_request_answered() {
     std::thread::sleep(Duration::from_millis(300));
     gw.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
-    let r = early.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+    let r = early.send(KEEP_ALIVE_GET);
     assert_eq!(r.status, 200, "{}", r.body_str());
     exits_cleanly(&mut gw);
 }

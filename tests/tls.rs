@@ -111,7 +111,6 @@ fn sni_picks_the_certificate_and_both_http_versions_reach_odoo_as_https() {
     assert_eq!(r.header("strict-transport-security"), None);
 }
 
-/// A TLS 1.1 ClientHello: legacy version 3.2, no supported_versions extension.
 #[test]
 fn idle_https_connections_close_after_keepalive_timeout_in_both_http_versions() {
     let odoo = FakeOdoo::start();
@@ -155,6 +154,7 @@ fn idle_https_connections_close_after_keepalive_timeout_in_both_http_versions() 
     assert!(closed.is_some(), "an idle HTTP/2 connection stayed open");
 }
 
+/// A TLS 1.1 ClientHello: legacy version 3.2, no supported_versions extension.
 fn tls11_client_hello() -> Vec<u8> {
     let mut body = vec![0x03, 0x02];
     body.extend_from_slice(&[7u8; 32]); // random
