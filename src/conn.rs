@@ -52,7 +52,7 @@ impl Connections {
 async fn first_byte(
     stream: &mut Stream,
     idle: Duration,
-    shutdown: &ShutdownWatch,
+    stop: &mut ShutdownWatch,
     fresh: bool,
 ) -> Option<u8> {
     let mut byte = [0u8; 1];
@@ -60,7 +60,6 @@ async fn first_byte(
     let arrived = if fresh {
         matches!(read.await, Ok(Ok(1)))
     } else {
-        let mut stop = shutdown.clone();
         tokio::select! {
             biased;
             r = read => matches!(r, Ok(Ok(1))),
@@ -90,9 +89,11 @@ impl ServerApp for Connections {
         }
         let mut carried: Option<HttpPersistentSettings> = None;
         let mut fresh = true;
+        // One receiver for the connection's waits, not a new one (a shared count) per request.
+        let mut stop = shutdown.clone();
         loop {
             let idle = self.keepalive();
-            let first = first_byte(&mut stream, idle, shutdown, fresh).await?;
+            let first = first_byte(&mut stream, idle, &mut stop, fresh).await?;
             fresh = false;
             let mut session = ServerSession::new_http1(stream);
             match carried.take() {
