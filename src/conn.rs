@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
@@ -43,30 +44,81 @@ impl Connections {
     fn keepalive(&self) -> Duration {
         self.store.load().server.keepalive_timeout
     }
+
+    /// Serves an HTTP/1 connection until it closes, waiting between requests with only the
+    /// socket.
+    async fn serve_http1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch) {
+        let mut carried: Option<HttpPersistentSettings> = None;
+        let mut fresh = true;
+        // One receiver for the connection's waits, not a new one (a shared count) per request.
+        let mut stop = shutdown.clone();
+        loop {
+            let idle = self.keepalive();
+            let Some(first) = next_request(&mut stream, idle, &mut stop, fresh).await else {
+                return;
+            };
+            fresh = false;
+            let mut session = ServerSession::new_http1(stream);
+            match carried.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => session.set_keepalive_reuses_remaining(
+                    self.proxy
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                ),
+            }
+            if let Some(first) = first {
+                let mut head = BytesMut::with_capacity(HEAD_BUF);
+                head.extend_from_slice(&[first]);
+                session.set_pipelined_prefix(head);
+            }
+            // The rest of the head must come within the same limit (Pingora would otherwise
+            // wait for it without end on a reused connection).
+            session.set_keepalive(Some(whole_secs(idle)));
+            let Some(reused) = self.proxy.process_new_http(session, &shutdown).await else {
+                return;
+            };
+            let (next, settings) = reused.consume();
+            stream = next;
+            carried = settings;
+        }
+    }
 }
 
-/// Waits for the first byte of the next request. `None`: the client closed, the connection
-/// broke, or it stayed idle for `idle`. On shutdown an idle keep-alive connection is closed
-/// at once (bytes already there are still read first), but a new connection is waited for:
-/// it was accepted before the listeners closed, and its first request is on its way.
-async fn first_byte(
+/// Waits for the next request. `Some(byte)`: the first byte of its head (read from a TLS
+/// stream, where bytes come out of the decrypted buffer); `Some(None)` on a plain TCP
+/// stream, which has no read buffer: it waits only until the socket is readable and the head
+/// is then read straight into Pingora's buffer, in one `recv`. `None`: the client closed, the
+/// connection broke, or it stayed idle for `idle`. On shutdown an idle keep-alive connection
+/// is closed at once (bytes already there are still read first), but a new connection is
+/// waited for: it was accepted before the listeners closed, and its first request is on its
+/// way.
+async fn next_request(
     stream: &mut Stream,
     idle: Duration,
     stop: &mut ShutdownWatch,
     fresh: bool,
-) -> Option<u8> {
+) -> Option<Option<u8>> {
+    let plain = stream.as_any().is::<L4Stream>();
     let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(idle, stream.read(&mut byte));
+    // An empty read of a tokio socket waits for readiness and then reads nothing; it does
+    // not clear the readiness, so Pingora's read that follows goes straight to the data.
+    let want = if plain { &mut byte[..0] } else { &mut byte[..] };
+    let read = tokio::time::timeout(idle, stream.read(want));
+    let got = |r: Result<std::io::Result<usize>, _>| match r {
+        Ok(Ok(n)) => plain || n == 1,
+        _ => false,
+    };
     let arrived = if fresh {
-        matches!(read.await, Ok(Ok(1)))
+        got(read.await)
     } else {
         tokio::select! {
             biased;
-            r = read => matches!(r, Ok(Ok(1))),
+            r = read => got(r),
             _ = stop.wait_for(|stopping| *stopping) => false,
         }
     };
-    arrived.then_some(byte[0])
+    arrived.then_some((!plain).then_some(byte[0]))
 }
 
 /// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).
@@ -78,7 +130,7 @@ fn whole_secs(d: Duration) -> u64 {
 impl ServerApp for Connections {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         if matches!(
@@ -87,34 +139,12 @@ impl ServerApp for Connections {
         ) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let mut carried: Option<HttpPersistentSettings> = None;
-        let mut fresh = true;
-        // One receiver for the connection's waits, not a new one (a shared count) per request.
-        let mut stop = shutdown.clone();
-        loop {
-            let idle = self.keepalive();
-            let first = first_byte(&mut stream, idle, &mut stop, fresh).await?;
-            fresh = false;
-            let mut session = ServerSession::new_http1(stream);
-            match carried.take() {
-                Some(settings) => settings.apply_to_session(&mut session),
-                None => session.set_keepalive_reuses_remaining(
-                    self.proxy
-                        .server_options()
-                        .and_then(|o| o.keepalive_request_limit),
-                ),
-            }
-            let mut head = BytesMut::with_capacity(HEAD_BUF);
-            head.extend_from_slice(&[first]);
-            session.set_pipelined_prefix(head);
-            // The rest of the head must come within the same limit (Pingora would otherwise
-            // wait for it without end on a reused connection).
-            session.set_keepalive(Some(whole_secs(idle)));
-            let reused = self.proxy.process_new_http(session, shutdown).await?;
-            let (next, settings) = reused.consume();
-            stream = next;
-            carried = settings;
-        }
+        // The rest of the connection's life runs in a task of its own, so the accept task
+        // (which holds room for a TLS handshake, about 7 KiB, even on plain listeners) ends
+        // here. Pingora does not track connection tasks: on shutdown it waits out the grace
+        // period and then stops the runtime, which this task runs on too.
+        tokio::spawn(self.clone().serve_http1(stream, shutdown.clone()));
+        None
     }
 
     async fn cleanup(&self) {

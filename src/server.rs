@@ -76,13 +76,13 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
 }
 
 /// Buffers of a client connection. Pingora's default read buffer is 64 KiB, allocated and
-/// zero-filled for every connection, idle ones too. Reads of request heads and bodies at
-/// least as large as the buffer bypass it (into Pingora's own buffers), so 1 KiB costs no
-/// throughput and keeps 1 KiB per connection (4 KiB: 3 KiB more per idle connection, same
-/// req/s; no buffers at all: about a tenth fewer req/s, 22.3k against 25.4k in one run of
-/// peers.sh). benches/load.sh and the idle_memory bench measure it.
-fn client_buffers() -> pingora::protocols::l4::stream::L4BufferSettings {
-    pingora::protocols::l4::stream::L4BufferSettings::new(1024, 1460)
+/// zero-filled for every connection, idle ones too. Plain HTTP connections get none: between
+/// requests `conn.rs` waits for the socket to become readable without reading, and Pingora
+/// then reads the head straight into its own buffer (one `recv`, as through a buffer).
+/// TLS connections keep 1 KiB under the TLS layer. Reads at least as large as the buffer
+/// bypass it. benches/load.sh and the idle_memory bench measure it.
+fn client_buffers(tls: bool) -> pingora::protocols::l4::stream::L4BufferSettings {
+    pingora::protocols::l4::stream::L4BufferSettings::new(if tls { 1024 } else { 0 }, 1460)
 }
 
 /// No per-handshake callbacks: erpgate reads what it needs from the session's TLS digest.
@@ -156,7 +156,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
         Connections::new(app, store.clone()),
     );
     for addr in &http {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers(false)));
     }
     if let Some(resolver) = &resolver {
         for addr in &https {
@@ -176,7 +176,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
             proxy.add_listener(
                 ListenerConfig::tcp(addr.to_string())
                     .tls(settings)
-                    .l4_buffer(client_buffers()),
+                    .l4_buffer(client_buffers(true)),
             );
         }
         proxy
