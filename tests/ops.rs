@@ -386,6 +386,44 @@ fn idle_keep_alive_connections_are_closed_after_keepalive_timeout() {
     assert_eq!(seen, 5);
 }
 
+/// Between requests erpgate waits for the socket to become readable without reading, and
+/// Pingora then reads the head: a head that comes in pieces, or is larger than one read, is
+/// still read whole, on a new connection and on a reused one.
+#[test]
+fn request_heads_sent_in_pieces_or_larger_than_a_read_reach_odoo_whole() {
+    let odoo = FakeOdoo::start();
+    let gw = Erpgate::start(&config(&odoo, ""));
+    let cookie = "c".repeat(6000);
+    let big = format!(
+        "GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\nCookie: session_id={cookie}\r\n\r\n"
+    );
+    let pieces: [&[u8]; 4] = [
+        b"G",
+        b"ET /web/login HTTP/1.1\r\n",
+        b"Host: erp.example.com\r\nX-Piece: ",
+        b"last\r\n\r\n",
+    ];
+    let mut conn = Conn::open(gw.http);
+    for _ in 0..2 {
+        for piece in pieces {
+            conn.write(piece).expect("write");
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        assert_eq!(conn.read_response().status, 200);
+        assert_eq!(conn.send(big.as_bytes()).status, 200);
+    }
+    let seen: Vec<_> = odoo
+        .requests()
+        .into_iter()
+        .filter(|r| !r.is_health_probe())
+        .collect();
+    assert_eq!(seen.len(), 4);
+    for pair in seen.chunks(2) {
+        assert_eq!(pair[0].header("x-piece"), Some("last"));
+        assert_eq!(pair[1].header("cookie").map(str::len), Some(6011));
+    }
+}
+
 #[test]
 fn a_reloaded_keepalive_timeout_applies_to_the_next_wait() {
     let odoo = FakeOdoo::start();
