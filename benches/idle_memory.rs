@@ -3,19 +3,24 @@
 //! Starts a stand-in Odoo in this process (an HTTP/1.1 keep-alive server for the web pool
 //! and a WebSocket server for the gevent pool), runs the release erpgate binary in front of
 //! it, and reads erpgate's RSS (`/proc/PID/status`, VmRSS) when idle, then while holding N
-//! connections that have sent nothing, N idle keep-alive HTTP connections, and N idle
+//! connections that have sent nothing, N idle keep-alive HTTP connections, idle keep-alive
+//! HTTPS connections (HTTP/1.1 over TLS 1.3, the test certificate of `certs/`) and idle
 //! WebSockets (each upgraded through erpgate to the gevent pool), one set after the other.
-//! Per connection: RSS above the idle RSS at start, over N (memory a closed set freed may be
-//! reused by the next). N is `IDLE_N` for the HTTP connections (default 10,000) and
+//! Per connection: RSS above the idle RSS at start, over the count (memory a closed set freed
+//! may be reused by the next). The counts: `IDLE_N` for the HTTP connections (default
+//! 10,000), `IDLE_TLS` for the HTTPS ones (default 5,000: each is a full handshake) and
 //! `IDLE_WS` for the WebSockets (default 6,000: erpgate holds three descriptors per WebSocket
 //! (client socket, Odoo socket, and the duplicate it keeps to close it properly), and this
 //! machine caps a process at 20,000 open files, hard limit). Under `cargo test` it runs once
 //! with 50 of each, as a smoke test.
 
 use futures_util::StreamExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -109,6 +114,22 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
     out.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A TLS client that trusts the test CA of `certs/` and asks for HTTP/1.1.
+fn tls_connector(certs: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(format!("{certs}/ca.crt")).expect("ca.crt") {
+        roots.add(c.expect("ca.crt")).expect("ca.crt");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 fn settle(pid: u32) -> u64 {
     // Let allocations settle: the RSS after a short quiet period.
     std::thread::sleep(Duration::from_millis(500));
@@ -127,6 +148,7 @@ fn main() {
     };
     let n = count("IDLE_N", 10_000);
     let n_ws = count("IDLE_WS", 6_000);
+    let n_tls = count("IDLE_TLS", 5_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -134,12 +156,16 @@ fn main() {
         .expect("runtime");
     let (web, ws) = rt.block_on(odoo());
     let listen = format!("127.0.0.1:{}", free_port());
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let admin = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("erpgate.toml");
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/erpgate.toml"))
         .expect("default config")
-        .replace("0.0.0.0:8080", &listen)
+        .replace(
+            "http = [\"0.0.0.0:8080\"]",
+            &format!("http = [\"{listen}\"]\nhttps = [\"{https}\"]"),
+        )
         .replace("127.0.0.1:9901", &admin)
         .replace("127.0.0.1:8069", &web.to_string())
         .replace("127.0.0.1:8072", &ws.to_string())
@@ -155,6 +181,10 @@ fn main() {
             "rate = \"100/s\", burst = 200",
             "rate = \"1000000/s\", burst = 1000000",
         );
+    let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/certs");
+    let text = format!(
+        "{text}\n[tls]\ncertificates = [{{ cert = \"{certs}/localhost.crt\", key = \"{certs}/localhost.key\" }}]\n"
+    );
     std::fs::write(&cfg, text).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_erpgate"))
         .args(["run", "--config"])
@@ -204,6 +234,35 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let after_http = settle(pid);
 
+    // N idle HTTPS keep-alive connections (HTTP/1.1 by ALPN, TLS 1.3), each after one request.
+    let tls_conns = rt.block_on(async {
+        let connector = tls_connector(certs);
+        let mut v = Vec::with_capacity(n_tls);
+        for _ in 0..n_tls {
+            let tcp = tokio::net::TcpStream::connect(https)
+                .await
+                .expect("connect");
+            tcp.set_nodelay(true).expect("nodelay");
+            let name = ServerName::try_from("localhost").expect("name");
+            let mut s = connector.connect(name, tcp).await.expect("tls");
+            s.write_all(b"GET /web/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 1024];
+            let got = s.read(&mut buf).await.expect("read");
+            assert!(
+                buf[..got].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..got])
+            );
+            v.push(s);
+        }
+        v
+    });
+    let with_tls = settle(pid);
+    drop(tls_conns);
+    std::thread::sleep(Duration::from_secs(1));
+
     // N idle WebSockets through erpgate to the gevent pool.
     let sockets = rt.block_on(async {
         let mut v = Vec::with_capacity(n_ws);
@@ -229,7 +288,7 @@ fn main() {
         v
     });
     let with_ws = settle(pid);
-    println!("erpgate idle memory (IDLE_N = {n}, IDLE_WS = {n_ws}), VmRSS of the erpgate process:");
+    println!("erpgate idle memory (IDLE_N = {n}, IDLE_TLS = {n_tls}, IDLE_WS = {n_ws}), VmRSS of the erpgate process:");
     println!("| state | RSS | per connection |");
     println!("|---|---|---|");
     println!("| idle, after start | {:.1} MiB | |", idle as f64 / 1024.0);
@@ -246,6 +305,11 @@ fn main() {
     println!(
         "| after they closed | {:.1} MiB | |",
         after_http as f64 / 1024.0
+    );
+    println!(
+        "| {n_tls} idle keep-alive HTTPS connections (HTTP/1.1) | {:.1} MiB | {:.2} KiB |",
+        with_tls as f64 / 1024.0,
+        (with_tls.saturating_sub(idle)) as f64 / n_tls as f64
     );
     println!(
         "| {n_ws} idle WebSockets (two sockets each in erpgate) | {:.1} MiB | {:.2} KiB |",

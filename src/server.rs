@@ -76,13 +76,15 @@ pub fn check_listeners(cfg: &Config) -> Result<(), String> {
 }
 
 /// Buffers of a client connection. Pingora's default read buffer is 64 KiB, allocated and
-/// zero-filled for every connection, idle ones too. Plain HTTP connections get none: between
-/// requests `conn.rs` waits for the socket to become readable without reading, and Pingora
-/// then reads the head straight into its own buffer (one `recv`, as through a buffer).
-/// TLS connections keep 1 KiB under the TLS layer. Reads at least as large as the buffer
-/// bypass it. benches/load.sh and the idle_memory bench measure it.
-fn client_buffers(tls: bool) -> pingora::protocols::l4::stream::L4BufferSettings {
-    pingora::protocols::l4::stream::L4BufferSettings::new(if tls { 1024 } else { 0 }, 1460)
+/// zero-filled for every connection, idle ones too. erpgate's connections get none: between
+/// requests `conn.rs` waits for a plain socket to become readable without reading, and
+/// Pingora then reads the head straight into its own buffer (one `recv`, as through a
+/// buffer); under TLS, rustls reads whole records into its own buffer anyway (a read buffer
+/// there cost 1 KiB per HTTPS connection for nothing). The 1,460-byte write buffer stays
+/// (without it, more `send`s and fewer req/s). benches/load.sh and the idle_memory bench
+/// measure it.
+fn client_buffers() -> pingora::protocols::l4::stream::L4BufferSettings {
+    pingora::protocols::l4::stream::L4BufferSettings::new(0, 1460)
 }
 
 /// No per-handshake callbacks: erpgate reads what it needs from the session's TLS digest.
@@ -156,7 +158,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
         Connections::new(app, store.clone()),
     );
     for addr in &http {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers(false)));
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
     }
     if let Some(resolver) = &resolver {
         for addr in &https {
@@ -176,7 +178,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
             proxy.add_listener(
                 ListenerConfig::tcp(addr.to_string())
                     .tls(settings)
-                    .l4_buffer(client_buffers(true)),
+                    .l4_buffer(client_buffers()),
             );
         }
         proxy
