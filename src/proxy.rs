@@ -552,6 +552,11 @@ fn check_tail(
 impl ProxyHttp for ErpGate {
     type CTX = Ctx;
 
+    /// No downstream modules. Pingora's default adds its response compression module at
+    /// level 0 (off), which still builds a context and looks at the headers of every request
+    /// and response; erpgate passes bodies through as Odoo sends them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             cfg: self.store.load_full(),
