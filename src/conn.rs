@@ -3,12 +3,15 @@
 //! Pingora's own HTTP/1 loop starts the whole proxy task for the next request (a boxed future
 //! of about 13 KiB, a session and a 4 KiB header buffer) as soon as the previous one is done,
 //! and holds it while the connection sits idle, with no time limit after the first request.
-//! At month-end thousands of Odoo tabs keep a connection open; this loop waits for the first
-//! byte of the next request holding only the socket, and only then hands the connection to
-//! the proxy (the byte goes in front of the request head, so nothing is read twice). An idle
-//! connection is closed after `[server] keepalive_timeout`; on shutdown an idle keep-alive
-//! connection is closed at once, while a new one still gets its first request answered.
-//! HTTP/2 connections (TLS with ALPN h2) take Pingora's own path.
+//! Its accept task also stays alive for the connection's life, with room for a TLS handshake
+//! inline (about 7 KiB), plain listeners too. At month-end thousands of Odoo tabs keep a
+//! connection open; here each HTTP/1 connection gets a small task of its own, which waits for
+//! the next request holding only the socket (a plain socket until it is readable, reading
+//! nothing; a TLS stream for its first decrypted byte, which goes in front of the request
+//! head), and only then hands the connection to the proxy. An idle connection is closed after
+//! `[server] keepalive_timeout`; on shutdown an idle keep-alive connection is closed at once,
+//! while a new one still gets its first request answered. HTTP/2 connections (TLS with ALPN
+//! h2) take Pingora's own path.
 
 use crate::config::Config;
 use crate::proxy::ErpGate;
