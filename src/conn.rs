@@ -88,8 +88,8 @@ impl Connections {
     }
 }
 
-/// Waits for the next request. `Some(byte)`: the first byte of its head (read from a TLS
-/// stream, where bytes come out of the decrypted buffer); `Some(None)` on a plain TCP
+/// Waits for the next request. `Some(Some(byte))`: the first byte of its head (read from a
+/// TLS stream, where bytes come out of the decrypted buffer); `Some(None)` on a plain TCP
 /// stream, which has no read buffer: it waits only until the socket is readable and the head
 /// is then read straight into Pingora's buffer, in one `recv`. `None`: the client closed, the
 /// connection broke, or it stayed idle for `idle`. On shutdown an idle keep-alive connection
