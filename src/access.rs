@@ -6,14 +6,37 @@ use crate::proxy::Ctx;
 use pingora::proxy::Session;
 use pingora::Error;
 
-/// Writes the line; returns the status the client got (0: none).
-pub fn log(session: &Session, e: Option<&Error>, ctx: &Ctx) -> u16 {
-    let req = session.req_header();
-    let status = session
-        .response_written()
-        .map(|r| r.status.as_u16())
-        .or(ctx.own_status())
-        .unwrap_or(0);
+/// What the line says of the request and its answer.
+pub struct Line<'a> {
+    pub method: &'a str,
+    /// The path, without the query string.
+    pub path: &'a str,
+    /// The status the client got (0: none).
+    pub status: u16,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+}
+
+impl<'a> Line<'a> {
+    /// The line of a request Pingora's proxy handled.
+    pub fn of(session: &'a Session, ctx: &Ctx) -> Line<'a> {
+        let req = session.req_header();
+        Line {
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status: session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .or(ctx.own_status())
+                .unwrap_or(0),
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+        }
+    }
+}
+
+/// Writes the line.
+pub fn write(line: &Line, e: Option<&Error>, ctx: &Ctx) {
     let client = ctx
         .client()
         .map_or_else(|| "-".to_string(), |c| c.to_string());
@@ -21,17 +44,16 @@ pub fn log(session: &Session, e: Option<&Error>, ctx: &Ctx) -> u16 {
     tracing::info!(
         target: "erpgate::access",
         client = %client,
-        method = %req.method,
-        path = %req.uri.path(),
-        status,
+        method = %line.method,
+        path = %line.path,
+        status = line.status,
         class = ctx.class_name(),
         pool = ctx.pool_name(),
         upstream = ctx.server_address(),
-        bytes_in = session.body_bytes_read(),
-        bytes_out = session.body_bytes_sent(),
+        bytes_in = line.bytes_in,
+        bytes_out = line.bytes_out,
         duration_ms = %format_args!("{:.3}", ctx.started().elapsed().as_secs_f64() * 1000.0),
         request_id = ctx.request_id(),
         error,
     );
-    status
 }

@@ -30,6 +30,7 @@ pub struct Record<'a> {
     pub request_id: &'a str,
 }
 
+#[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<String>,
     failures: Arc<AtomicU64>,

@@ -19,6 +19,7 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod wsclose;
 pub mod xmlrpc;

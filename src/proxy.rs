@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 const X_REQUEST_ID: &str = "x-request-id";
 
 /// The proxy. Holds the config store; each request takes one snapshot of it.
+#[derive(Clone)]
 pub struct ErpGate {
     store: Arc<ArcSwap<Config>>,
     audit: Option<AuditLog>,
@@ -102,7 +103,7 @@ pub struct Ctx {
     peer: IpAddr,
     fwd: Option<Forwarded>,
     /// Why erpgate refused the request itself (`allowed` when it did not).
-    decision: &'static str,
+    pub(crate) decision: &'static str,
     in_flight: Option<InFlight>,
     request_id: String,
     /// The server of the current attempt.
@@ -115,11 +116,12 @@ pub struct Ctx {
     /// Status erpgate answered itself, when it did.
     own_status: Option<u16>,
     /// A JSON-RPC body still being read when the class was chosen (see [`Tail`]).
-    tail: Option<Tail>,
+    tail: Option<Box<Tail>>,
     /// Counted among the open WebSockets (until logging).
-    ws_open: bool,
-    /// A WebSocket's upstream socket, for a proper close when erpgate stops.
-    tunnel: Option<Arc<crate::wsclose::Tunnel>>,
+    pub(crate) ws_open: bool,
+    /// The request went on to erpgate's WebSocket relay ([`crate::tunnel`]), with the
+    /// state before this one: Pingora's proxy has nothing left to do or log.
+    handed_off: bool,
     /// The client reached us over HTTPS: TLS on our listener, or `X-Forwarded-Proto: https`
     /// from a trusted proxy.
     https: bool,
@@ -152,7 +154,7 @@ struct Prefix {
 impl Ctx {
     /// Whether another server may still be tried: not all of the pool tried yet, and fewer
     /// attempts than the pool's `max_attempts`.
-    fn may_try_again(&self) -> bool {
+    pub(crate) fn may_try_again(&self) -> bool {
         self.class(&self.cfg).is_some_and(|c| {
             let pool = &self.cfg.pools[c.pool];
             self.tried.len() < pool.servers.load().len().min(pool.max_attempts)
@@ -161,6 +163,65 @@ impl Ctx {
 
     fn class<'a>(&self, cfg: &'a Config) -> Option<&'a Class> {
         self.class.and_then(|i| cfg.classes.get(i))
+    }
+
+    /// The request's class (None before classification, or when none took it).
+    pub(crate) fn own_class(&self) -> Option<&Class> {
+        self.class(&self.cfg)
+    }
+
+    /// Chooses the server of the next attempt (zone first, then failover zones; never one
+    /// already tried) and counts the request among its open connections. Error 503 when the
+    /// pool has no server left to try.
+    pub(crate) fn pick_server(
+        &mut self,
+        req: &RequestHeader,
+    ) -> Result<Arc<crate::config::Upstream>> {
+        let cfg = self.cfg.clone();
+        let Some(class) = self.class(&cfg) else {
+            return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
+        };
+        let pool = &cfg.pools[class.pool];
+        let how = crate::upstream::Placement {
+            own_zone: &cfg.network.zone,
+            failover: &pool.failover_zones,
+            balance: pool.balance,
+            cursor: pool.next.fetch_add(1, Ordering::Relaxed),
+            sticky: pool
+                .affinity
+                .as_deref()
+                .map(|cookie| crate::affinity::sticky(req, cookie))
+                .unwrap_or_default(),
+        };
+        let servers = pool.servers.load();
+        let Some(server) =
+            crate::upstream::select(&servers, &how, &self.tried).and_then(|ix| servers.get(ix))
+        else {
+            self.open_on = None;
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy Odoo server in the pool",
+            );
+        };
+        self.tried.push(server.id);
+        self.open_on = Some(OpenConn::new(&server.state));
+        self.server = Some(server.clone());
+        Ok(server.clone())
+    }
+
+    /// A connection to the current server failed (nothing of the request was sent): the
+    /// server is down until its probes say otherwise (a passive check).
+    pub(crate) fn connect_failed(&mut self, e: &Error) {
+        self.open_on = None;
+        if let (Some(class), Some(server)) = (self.class(&self.cfg), &self.server) {
+            if server.state.connect_failed() {
+                tracing::warn!(
+                    pool = %self.cfg.pools[class.pool].name,
+                    server = %server.address,
+                    "Odoo server marked down: {e}"
+                );
+            }
+        }
     }
 }
 
@@ -469,27 +530,6 @@ fn body_identity(prefix: &[u8], scanner: Option<&Scanner>) -> Option<u64> {
     }
 }
 
-/// Works around Pingora 0.9.1 tearing down a WebSocket the instant it is established
-/// (cloudflare/pingora#946): an upgrade request has no body, so Pingora queues "end of request
-/// body" before Odoo answers, and when Odoo's 101 is read first that queued end is taken for
-/// the end of the tunnel. Seen when Odoo answers fast (a LAN, or a loaded proxy). Marking the
-/// client's side as a body that has not ended (chunked; after the 101 Pingora reads it as the
-/// socket's byte stream) means no end is queued; Odoo is told the request has an empty body.
-fn hold_upgrade_body_open(session: &mut Session, up: &mut RequestHeader) -> Result<()> {
-    let req = session.req_header();
-    if !session.is_upgrade_req()
-        || req.headers.contains_key(header::CONTENT_LENGTH)
-        || req.headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        return Ok(());
-    }
-    session
-        .req_header_mut()
-        .insert_header(header::TRANSFER_ENCODING, "chunked")?;
-    up.insert_header(header::CONTENT_LENGTH, "0")?;
-    Ok(())
-}
-
 /// Reads a JSON-RPC body's rest (see [`Tail`]) and holds its last piece until the whole
 /// body is known. Then: if it calls a service of another class, that class's allowlist
 /// decides, and a refused request is cut (403) before Odoo has the whole body.
@@ -576,7 +616,7 @@ impl ProxyHttp for ErpGate {
             tail: None,
             https: false,
             ws_open: false,
-            tunnel: None,
+            handed_off: false,
         }
     }
 
@@ -643,11 +683,11 @@ impl ProxyHttp for ErpGate {
                 scanner = Some(sc);
             } else {
                 // The rest is read on the way to Odoo; the reader of the prefix goes on.
-                ctx.tail = Some(Tail {
+                ctx.tail = Some(Box::new(Tail {
                     scanner: sc,
                     seen: 0,
                     held: None,
-                });
+                }));
             }
             prefix = Some(p);
         }
@@ -741,6 +781,19 @@ impl ProxyHttp for ErpGate {
                 }
             }
         }
+        if crate::tunnel::is_websocket(session) {
+            // The WebSocket goes on in erpgate's own relay, with this request's session and
+            // state; Pingora's proxy task ends here (it would hold its session and two 64 KiB
+            // body buffers for as long as the socket stays open).
+            let idle = Box::new(std::io::Cursor::new(Vec::new()));
+            let mut taken = std::mem::replace(session, Session::new_h1(idle));
+            session.set_keepalive(None);
+            taken.set_keepalive(None);
+            let state = std::mem::replace(ctx, self.new_ctx());
+            ctx.handed_off = true;
+            tokio::spawn(crate::tunnel::serve(self.clone(), taken, state));
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -751,15 +804,6 @@ impl ProxyHttp for ErpGate {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(t), Some(b)) = (&ctx.tunnel, body.as_ref()) {
-            if session.was_upgraded() {
-                // WebSocket frames: no body limit; held back once erpgate is closing it.
-                if !t.from_client(b) {
-                    *body = Some(Bytes::new());
-                }
-                return Ok(());
-            }
-        }
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             if let Some(max) = ctx.class(&ctx.cfg).and_then(|c| c.max_body) {
@@ -779,75 +823,18 @@ impl ProxyHttp for ErpGate {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let cfg = ctx.cfg.clone();
-        let Some(class) = ctx.class(&cfg) else {
+        let server = ctx.pick_server(session.req_header())?;
+        let Some(class) = ctx.class(&ctx.cfg) else {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
         };
-        let pool = &cfg.pools[class.pool];
-        let how = crate::upstream::Placement {
-            own_zone: &cfg.network.zone,
-            failover: &pool.failover_zones,
-            balance: pool.balance,
-            cursor: pool.next.fetch_add(1, Ordering::Relaxed),
-            sticky: pool
-                .affinity
-                .as_deref()
-                .map(|cookie| crate::affinity::sticky(session.req_header(), cookie))
-                .unwrap_or_default(),
-        };
-        let servers = pool.servers.load();
-        let Some(server) =
-            crate::upstream::select(&servers, &how, &ctx.tried).and_then(|ix| servers.get(ix))
-        else {
-            ctx.open_on = None;
-            return Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                "no healthy Odoo server in the pool",
-            );
-        };
-        ctx.tried.push(server.id);
-        ctx.open_on = Some(OpenConn::new(&server.state));
-        let addr = server.socket;
-        ctx.server = Some(server.clone());
         let t = class.timeouts;
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        let upgrade = session.is_upgrade_req();
-        if upgrade {
-            // erpgate opens a WebSocket's upstream connection itself (never a pooled one), so
-            // that it can close it properly when it stops.
-            let tunnel = crate::wsclose::register();
-            peer.options.custom_l4 = Some(Arc::new(crate::wsclose::Connector {
-                tunnel: tunnel.clone(),
-            }));
-            peer.group_key = fastrand::u64(..);
-            ctx.tunnel = Some(tunnel);
-        }
+        let mut peer = HttpPeer::new(server.socket, false, String::new());
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect);
-        // On an upgraded socket the idle limit governs both directions.
-        peer.options.read_timeout = Some(if upgrade { t.read.max(t.idle) } else { t.read });
+        peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.read);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<Option<Duration>> {
-        if let Some(t) = &ctx.tunnel {
-            let data = body.as_deref().unwrap_or(&[]);
-            if let Some(close) = t.from_odoo(data, end_of_stream) {
-                let mut b = BytesMut::with_capacity(data.len() + close.len());
-                b.extend_from_slice(data);
-                b.extend_from_slice(close);
-                *body = Some(b.freeze());
-            }
-        }
-        Ok(None)
     }
 
     fn fail_to_connect(
@@ -857,17 +844,7 @@ impl ProxyHttp for ErpGate {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Passive check: the server is down until its probes say otherwise.
-        ctx.open_on = None;
-        if let (Some(class), Some(server)) = (ctx.class(&ctx.cfg), &ctx.server) {
-            if server.state.connect_failed() {
-                tracing::warn!(
-                    pool = %ctx.cfg.pools[class.pool].name,
-                    server = %server.address,
-                    "Odoo server marked down: {e}"
-                );
-            }
-        }
+        ctx.connect_failed(&e);
         // Nothing of the request was sent: another server may take it, whatever the method.
         if ctx.may_try_again() {
             e.set_retry(true);
@@ -911,7 +888,6 @@ impl ProxyHttp for ErpGate {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        hold_upgrade_body_open(session, up)?;
         let Some(fwd) = &ctx.fwd else {
             return Ok(());
         };
@@ -1015,40 +991,66 @@ impl ProxyHttp for ErpGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = crate::access::log(session, e, ctx);
-        count_request(ctx, status);
-        if let (Some(audit), Some(class)) = (&self.audit, ctx.class(&ctx.cfg)) {
-            if class.audit {
-                let req = session.req_header();
-                let xff: Vec<&str> = req
-                    .headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect();
-                let rule = match ctx.rule {
-                    Some(i) => class
-                        .alternatives
-                        .get(i)
-                        .map_or_else(String::new, |a| a.to_string()),
-                    None => "(no match: takes every request)".to_string(),
-                };
-                audit.write(&Record {
-                    time: humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                        .to_string(),
-                    client_ip: ctx.client().map_or_else(String::new, |c| c.to_string()),
-                    peer_ip: ctx.peer.to_string(),
-                    forwarded_for: &xff.join(", "),
-                    method: req.method.as_str(),
-                    path: req.uri.path(),
-                    class: &class.name,
-                    rule: &rule,
-                    decision: ctx.decision,
-                    status,
-                    request_id: &ctx.request_id,
-                });
-            }
+        if ctx.handed_off {
+            return;
         }
+        let forwarded_for = || {
+            let xff: Vec<&str> = session
+                .req_header()
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            xff.join(", ")
+        };
+        self.record(
+            &crate::access::Line::of(session, ctx),
+            forwarded_for,
+            e,
+            ctx,
+        );
+    }
+}
+
+impl ErpGate {
+    /// The end of a request: its access log line, its metrics and, when its class is
+    /// audited, its audit record (`forwarded_for`: the `X-Forwarded-For` it came with).
+    pub(crate) fn record(
+        &self,
+        line: &crate::access::Line,
+        forwarded_for: impl FnOnce() -> String,
+        e: Option<&Error>,
+        ctx: &Ctx,
+    ) {
+        crate::access::write(line, e, ctx);
+        count_request(ctx, line.status);
+        let (Some(audit), Some(class)) = (&self.audit, ctx.class(&ctx.cfg)) else {
+            return;
+        };
+        if !class.audit {
+            return;
+        }
+        let rule = match ctx.rule {
+            Some(i) => class
+                .alternatives
+                .get(i)
+                .map_or_else(String::new, |a| a.to_string()),
+            None => "(no match: takes every request)".to_string(),
+        };
+        audit.write(&Record {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            client_ip: ctx.client().map_or_else(String::new, |c| c.to_string()),
+            peer_ip: ctx.peer.to_string(),
+            forwarded_for: &forwarded_for(),
+            method: line.method,
+            path: line.path,
+            class: &class.name,
+            rule: &rule,
+            decision: ctx.decision,
+            status: line.status,
+            request_id: &ctx.request_id,
+        });
     }
 }
 

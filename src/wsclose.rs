@@ -1,21 +1,20 @@
 //! Closing WebSockets properly when erpgate stops (SIGTERM).
 //!
-//! Pingora relays an upgraded connection as bytes and has no way to write into an idle one
-//! from outside. So erpgate opens the upstream connection of every WebSocket itself (a
-//! custom connector) and keeps a duplicate of its socket. On SIGTERM it sends Odoo a close
-//! frame (1001, going away) on that socket, at a frame boundary of the client's stream; Odoo
-//! answers with its own close frame, which reaches the browser through the tunnel, and closes
-//! the connection, which ends the tunnel. If Odoo has not done so after a few seconds,
-//! erpgate shuts the upstream socket and adds a close frame of its own at the end of what
-//! the browser receives (again only at a frame boundary). Browsers then reconnect to another
-//! erpgate at once instead of waiting out a dead connection.
+//! erpgate relays every WebSocket itself ([`crate::tunnel`]) and each relay follows a global
+//! stop phase. On SIGTERM the phase becomes [`CLOSING`]: every relay sends Odoo a close frame
+//! (1001, going away) at the next frame boundary of the browser's stream, and drops what the
+//! browser sends after it; Odoo answers with its own close frame, which reaches the browser,
+//! and closes the connection, which ends the relay. After a few seconds the phase becomes
+//! [`FORCED`]: relays still open end, the browser getting a close frame of erpgate's own
+//! (again only at a frame boundary, and only when Odoo's did not go through). Browsers then
+//! reconnect to another erpgate at once instead of waiting out a dead connection.
 //!
 //! To know where frames begin, the bytes of each direction go through a [`FrameTracker`].
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Code 1001 "going away", as a close frame's payload.
 const GOING_AWAY: [u8; 2] = [0x03, 0xE9];
@@ -102,6 +101,25 @@ impl FrameTracker {
         }
     }
 
+    /// Feeds `data` up to the next frame boundary; returns how many bytes that took (0 when
+    /// already at one, all of `data` when the boundary is further on).
+    pub fn feed_to_boundary(&mut self, data: &[u8]) -> usize {
+        let mut used = 0;
+        while used < data.len() && !self.at_boundary() {
+            // Payload goes in one step, a header byte by byte (a header may end the frame).
+            let step = if self.remaining > 0 {
+                usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - used)
+            } else {
+                1
+            };
+            self.feed(&data[used..used + step]);
+            used += step;
+        }
+        used
+    }
+
     /// Between two frames: a frame of erpgate's may go here.
     pub fn at_boundary(&self) -> bool {
         self.head.is_empty() && self.remaining == 0
@@ -112,135 +130,59 @@ impl FrameTracker {
     }
 }
 
-/// One WebSocket through erpgate.
-#[derive(Debug, Default)]
-pub struct Tunnel {
-    /// A duplicate of the upstream socket (set when erpgate connects to Odoo).
-    upstream: Mutex<Option<std::net::TcpStream>>,
-    /// The browser's frames, on their way to Odoo.
-    pub to_odoo: Mutex<FrameTracker>,
-    /// Odoo's frames, on their way to the browser.
-    pub to_client: Mutex<FrameTracker>,
-    /// erpgate has sent Odoo a close frame: the browser's further data is dropped.
-    pub closing: AtomicBool,
-    /// Odoo did not close in time: its socket was shut; the browser gets erpgate's close.
-    pub forced: AtomicBool,
+/// The stop phase: WebSockets relay as usual.
+pub const RUNNING: u8 = 0;
+/// erpgate is stopping: each relay asks Odoo to close its WebSocket.
+pub const CLOSING: u8 = 1;
+/// Odoo did not close in time: relays end their WebSockets themselves.
+pub const FORCED: u8 = 2;
+
+static PHASE: LazyLock<watch::Sender<u8>> = LazyLock::new(|| watch::channel(RUNNING).0);
+
+/// WebSockets open now.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The stop phase, for a relay to follow.
+pub fn phase() -> watch::Receiver<u8> {
+    PHASE.subscribe()
 }
 
-use crate::lock;
+/// Counts one WebSocket as open while it lives.
+pub struct Open(());
 
-impl Tunnel {
-    /// What the browser sent (`data`), as it should go on to Odoo.
-    pub fn from_client(&self, data: &[u8]) -> bool {
-        lock(&self.to_odoo).feed(data);
-        !self.closing.load(Ordering::Acquire)
-    }
-
-    /// What Odoo sent; at the end of the stream (`end`), the bytes erpgate adds: its own close
-    /// frame when erpgate ended the socket (asked Odoo to close, or forced it) and the browser
-    /// got no close frame from Odoo.
-    pub fn from_odoo(&self, data: &[u8], end: bool) -> Option<&'static [u8]> {
-        let mut t = lock(&self.to_client);
-        t.feed(data);
-        let ours = self.closing.load(Ordering::Acquire) || self.forced.load(Ordering::Acquire);
-        (end && ours && !t.saw_close() && t.at_boundary()).then_some(&SERVER_CLOSE[..])
-    }
-
-    /// Sends Odoo a close frame, when the browser's stream is at a frame boundary.
-    fn send_close(&self) {
-        use std::io::Write;
-        let boundary = lock(&self.to_odoo).at_boundary();
-        self.closing.store(true, Ordering::Release);
-        if !boundary {
-            return;
-        }
-        if let Some(s) = lock(&self.upstream).as_mut() {
-            let _ = s.write_all(&client_close());
-        }
-    }
-
-    /// Ends the upstream side now.
-    fn force(&self) {
-        self.forced.store(true, Ordering::Release);
-        if let Some(s) = lock(&self.upstream).as_ref() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+impl Open {
+    pub fn new() -> Open {
+        OPEN.fetch_add(1, Ordering::AcqRel);
+        Open(())
     }
 }
 
-/// The WebSockets open now.
-static OPEN: Mutex<Vec<Weak<Tunnel>>> = Mutex::new(Vec::new());
-
-/// Registers a new WebSocket's tunnel. Closed ones are swept out when the list is full
-/// (its capacity reached), and the sweep leaves room for as many again as it kept, so a
-/// registration costs O(1) on average, not a scan of every open socket (without that room,
-/// a list kept just under full by one close per open would be scanned on every open).
-pub fn register() -> Arc<Tunnel> {
-    let t = Arc::new(Tunnel::default());
-    let mut open = lock(&OPEN);
-    if open.len() == open.capacity() {
-        open.retain(|w| w.strong_count() > 0);
-        let kept = open.len();
-        open.reserve(kept.max(16));
+impl Default for Open {
+    fn default() -> Self {
+        Open::new()
     }
-    open.push(Arc::downgrade(&t));
-    t
 }
 
-fn live() -> Vec<Arc<Tunnel>> {
-    lock(&OPEN).iter().filter_map(Weak::upgrade).collect()
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-/// SIGTERM: asks Odoo to close every WebSocket, and after `patience` ends those still open.
+/// SIGTERM: asks Odoo to close every WebSocket, and after `patience` (or once all are
+/// closed) ends those still open.
 pub async fn close_all(patience: Duration) {
-    let tunnels = live();
-    if tunnels.is_empty() {
+    let open = OPEN.load(Ordering::Acquire);
+    if open == 0 {
         return;
     }
-    tracing::info!("stopping: closing {} WebSocket(s)", tunnels.len());
-    for t in &tunnels {
-        t.send_close();
+    tracing::info!("stopping: closing {open} WebSocket(s)");
+    PHASE.send_replace(CLOSING);
+    let deadline = Instant::now() + patience;
+    while OPEN.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(tunnels);
-    tokio::time::sleep(patience).await;
-    for t in live() {
-        t.force();
-    }
-}
-
-/// Opens the upstream connection of a WebSocket and keeps a duplicate of the socket in its
-/// tunnel.
-#[derive(Debug)]
-pub struct Connector {
-    pub tunnel: Arc<Tunnel>,
-}
-
-#[async_trait::async_trait]
-impl pingora::connectors::L4Connect for Connector {
-    async fn connect(
-        &self,
-        addr: &pingora::protocols::l4::socket::SocketAddr,
-    ) -> pingora::Result<pingora::protocols::l4::stream::Stream> {
-        let err = |what: &str, e: std::io::Error| {
-            pingora::Error::because(pingora::ErrorType::ConnectError, what.to_string(), e)
-        };
-        let Some(inet) = addr.as_inet().copied() else {
-            return pingora::Error::e_explain(
-                pingora::ErrorType::ConnectError,
-                "WebSockets go to TCP servers",
-            );
-        };
-        let inet: SocketAddr = inet;
-        let tcp = tokio::net::TcpStream::connect(inet)
-            .await
-            .map_err(|e| err("connect", e))?;
-        tcp.set_nodelay(true).map_err(|e| err("nodelay", e))?;
-        let std = tcp.into_std().map_err(|e| err("socket", e))?;
-        let dup = std.try_clone().map_err(|e| err("socket", e))?;
-        *lock(&self.tunnel.upstream) = Some(dup);
-        let tcp = tokio::net::TcpStream::from_std(std).map_err(|e| err("socket", e))?;
-        Ok(tcp.into())
-    }
+    PHASE.send_replace(FORCED);
 }
 
 #[cfg(test)]
@@ -312,32 +254,22 @@ mod tests {
     }
 
     #[test]
-    fn erpgate_adds_its_close_frame_only_when_it_forced_the_end_at_a_boundary() {
-        let t = Tunnel::default();
-        assert_eq!(
-            t.from_odoo(&frame(1, 3, false), true),
-            None,
-            "Odoo ended it"
-        );
-        t.forced.store(true, Ordering::Release);
-        assert_eq!(t.from_odoo(&[], true), Some(&SERVER_CLOSE[..]));
-        let mid = Tunnel::default();
-        mid.forced.store(true, Ordering::Release);
-        assert_eq!(
-            mid.from_odoo(&frame(1, 10, false)[..5], true),
-            None,
-            "mid-frame"
-        );
-        let closed = Tunnel::default();
-        closed.forced.store(true, Ordering::Release);
-        assert_eq!(
-            closed.from_odoo(&SERVER_CLOSE, true),
-            None,
-            "Odoo closed already"
-        );
-        // After erpgate asked Odoo to close, the browser's data is held back.
-        assert!(t.from_client(&frame(1, 2, true)));
-        t.send_close();
-        assert!(!t.from_client(&frame(1, 2, true)));
+    fn feeding_to_a_boundary_stops_at_the_end_of_the_current_frame() {
+        let mut stream = frame(1, 300, true);
+        let first = stream.len();
+        stream.extend(frame(1, 5, true));
+        let mut t = FrameTracker::default();
+        assert_eq!(t.feed_to_boundary(&stream), 0, "already at a boundary");
+        t.feed(&stream[..3]);
+        assert_eq!(t.feed_to_boundary(&stream[3..]), first - 3);
+        assert!(t.at_boundary());
+        // A frame's header split over two pieces, then an empty frame.
+        let mut t = FrameTracker::default();
+        let pong = frame(10, 0, true);
+        t.feed(&pong[..1]);
+        assert_eq!(t.feed_to_boundary(&pong[1..3]), 2);
+        assert!(!t.at_boundary());
+        assert_eq!(t.feed_to_boundary(&pong[3..]), pong.len() - 3);
+        assert!(t.at_boundary());
     }
 }

@@ -302,6 +302,76 @@ fn a_connect_failure_moves_even_a_post_to_the_next_server() {
 }
 
 #[test]
+fn websockets_fail_over_on_connect_and_are_logged_when_they_close() {
+    let fake = FakeOdoo::start();
+    let refused = refused_addr();
+    let gw = Erpgate::start(&format!(
+        "[log]\nformat = \"json\"\n[pools.gevent]\nservers = [{{ address = \"{refused}\" }}, {{ address = \"{}\" }}]\n\
+         [[class]]\nname = \"longpoll\"\npool = \"gevent\"\n",
+        fake.gevent_addr()
+    ));
+    // Whichever server comes first, every socket opens: a refused connection sent nothing.
+    let mut sockets: Vec<WsClient> = (0..3)
+        .map(|i| {
+            let mut ws = ws_connect(gw.http, "/websocket?version=18.0", Some("http://localhost"))
+                .expect("handshake through erpgate");
+            ws.send_text(&format!("hello {i}"));
+            assert_eq!(ws.recv_text(Duration::from_secs(5)), format!("hello {i}"));
+            ws
+        })
+        .collect();
+    assert_eq!(fake.ws_open(), 3);
+    assert!(gw.log().contains("Odoo server marked down"), "{}", gw.log());
+    // Logged when it closes, with what went each way: not at the handshake.
+    assert!(!gw.log().contains("\"status\":101"), "{}", gw.log());
+    let last = sockets.pop().expect("a socket");
+    last.close();
+    let line = gw.wait_log_line(&["\"status\":101"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/websocket");
+    assert_eq!(v["class"], "longpoll");
+    assert_eq!(v["upstream"], fake.gevent_addr().to_string());
+    // "hello 2" as a masked frame (13 bytes) and a close frame; the echo (9) and Odoo's close.
+    assert!(
+        v["bytes_in"].as_u64().is_some_and(|n| n >= 13 + 6),
+        "{line}"
+    );
+    assert!(
+        v["bytes_out"].as_u64().is_some_and(|n| n >= 9 + 2),
+        "{line}"
+    );
+    assert_eq!(v["error"], "", "{line}");
+    // The other two are still open and carry messages.
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        ws.send_text(&format!("again {i}"));
+        assert_eq!(ws.recv_text(Duration::from_secs(5)), format!("again {i}"));
+    }
+}
+
+#[test]
+fn a_websocket_handshake_that_is_not_a_bodiless_get_gets_400_and_never_reaches_odoo() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let r = send_raw(
+        gw.http,
+        b"POST /websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|r| !r.path.starts_with("/websocket")),
+        "reached Odoo"
+    );
+    // erpgate still serves.
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+}
+
+#[test]
 fn a_websocket_stays_open_as_long_as_its_class_idle_timeout_says() {
     let fake = FakeOdoo::start();
     // Short timeouts stand in for Odoo's hour-long sockets: the class's idle setting, not

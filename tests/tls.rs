@@ -336,3 +336,54 @@ fn plain_http_is_redirected_to_https_except_health_probes() {
     assert_eq!(r.status, 308, "the test peer is not a trusted proxy");
     assert!(odoo.requests().iter().all(|r| r.path == "/web/health"));
 }
+
+#[test]
+fn a_websocket_over_https_reaches_the_gevent_pool_and_carries_large_messages() {
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+    let odoo = FakeOdoo::start();
+    let (c, k) = default_pair();
+    let cfg = tls_config(&odoo, "", (&c, &k)).replace(
+        &odoo.web_addr().to_string(),
+        &odoo.gevent_addr().to_string(),
+    );
+    let gw = Erpgate::start_tls(&cfg);
+    let tls = Client {
+        verify: true,
+        alpn: vec![b"http/1.1".to_vec()],
+        ..Client::default()
+    }
+    .connect(gw.https, Some("localhost"))
+    .expect("TLS handshake");
+    let mut req = "wss://localhost/websocket"
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Origin", "https://localhost".parse().expect("origin"));
+    let (mut ws, resp) = tungstenite::client(req, tls).expect("WebSocket handshake");
+    assert_eq!(resp.status().as_u16(), 101);
+    let mut echo = |text: String| {
+        ws.send(Message::text(text.clone())).expect("send");
+        loop {
+            match ws.read().expect("read") {
+                Message::Text(t) => {
+                    assert_eq!(t.as_str(), text);
+                    break;
+                }
+                Message::Close(_) => panic!("closed"),
+                _ => {}
+            }
+        }
+    };
+    echo("hello".into());
+    // Many TLS records and reads each way.
+    echo("x".repeat(200_000));
+    echo("after".into());
+    assert_eq!(odoo.ws_open(), 1);
+    let seen = odoo
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/websocket"))
+        .expect("handshake reached Odoo");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    let _ = ws.close(None);
+}

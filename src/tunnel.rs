@@ -1,0 +1,549 @@
+//! WebSockets, relayed by erpgate itself.
+//!
+//! Pingora's proxy keeps a WebSocket in its whole proxy task for as long as it is open: the
+//! task, the session and a 64 KiB body buffer for each direction, about 53 KiB per socket,
+//! idle or not. At month-end every open Odoo tab holds one. So once the handshake request
+//! has passed its class's policy (`request_filter` in [`crate::proxy`]), erpgate takes it out
+//! of Pingora's proxy, with the request's session and state, and:
+//! - connects to a server of the class's pool, the same choice as for any request (zone
+//!   first, least connections, failing over to the next server while nothing was sent);
+//! - passes the handshake on with the same forwarded headers, and Odoo's answer back with
+//!   the same response headers;
+//! - once Odoo has switched protocols, relays bytes both ways holding only the two sockets
+//!   while the WebSocket is idle: a read buffer exists only while bytes move (a TLS client
+//!   connection keeps a small one for its decrypted bytes). Each direction ends after its
+//!   idle time (the browser's: the class's `idle`; Odoo's: the longer of `read` and `idle`).
+//!
+//! The access line, the audit record and the metrics come when the WebSocket closes, as for
+//! any request. On SIGTERM each relay closes its WebSocket properly ([`crate::wsclose`]).
+
+use crate::access::Line;
+use crate::proxy::{Ctx, ErpGate};
+use crate::wsclose::{self, FrameTracker, CLOSING, FORCED, RUNNING, SERVER_CLOSE};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::header::{self, HeaderName};
+use pingora::http::RequestHeader;
+use pingora::protocols::http::v1::client::HttpSession as OdooSession;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+
+/// Most bytes read at a time.
+const CHUNK: usize = 16 * 1024;
+
+/// The read buffer a TLS client connection keeps.
+const TLS_BUF: usize = 4096;
+
+/// Headers that concern one connection only, never passed on (with those the client's
+/// `Connection` names); the upgrade is then asked of Odoo again.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Headers a client's `Connection` may not take away.
+const PROTECTED: [&str; 4] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Whether the request (HTTP/1) asks for a WebSocket. Other `Upgrade` requests stay with
+/// Pingora, which passes them on as plain requests without the upgrade.
+pub fn is_websocket(session: &Session) -> bool {
+    matches!(*session.downstream_session, ServerSession::H1(_))
+        && is_websocket_request(session.req_header())
+}
+
+/// HTTP/1.1, `Upgrade: websocket` and a `Connection` naming `upgrade`.
+pub fn is_websocket_request(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && has_token(req, header::UPGRADE, "websocket")
+        && has_token(req, header::CONNECTION, "upgrade")
+}
+
+fn tokens(req: &RequestHeader, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    req.headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
+fn has_token(req: &RequestHeader, name: HeaderName, token: &str) -> bool {
+    tokens(req, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A handshake has no body, and only `GET` opens a WebSocket (RFC 6455, 4.1).
+fn well_formed(req: &RequestHeader) -> bool {
+    let empty = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .is_none_or(|v| v.as_bytes().trim_ascii() == b"0");
+    req.method == http::Method::GET && empty && !req.headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// The handshake as it goes to Odoo (before the forwarded headers).
+fn odoo_request(req: &RequestHeader) -> Result<RequestHeader> {
+    let mut up = req.clone();
+    let named: Vec<String> = tokens(req, header::CONNECTION)
+        .filter_map(|t| std::str::from_utf8(t).ok())
+        .map(str::to_ascii_lowercase)
+        .filter(|t| !t.is_empty() && !PROTECTED.contains(&t.as_str()))
+        .collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        up.remove_header(name);
+    }
+    up.insert_header(header::CONNECTION, "Upgrade")?;
+    up.insert_header(header::UPGRADE, "websocket")?;
+    Ok(up)
+}
+
+/// Serves a WebSocket handshake that passed its class's policy, and then the WebSocket.
+pub async fn serve(gate: ErpGate, mut session: Session, mut ctx: Ctx) {
+    if !well_formed(session.req_header()) {
+        ctx.decision = "bad_upgrade";
+        let e = Error::explain(
+            ErrorType::HTTPStatus(400),
+            "a WebSocket handshake is a GET without a body",
+        );
+        gate.fail_to_proxy(&mut session, &e, &mut ctx).await;
+        gate.logging(&mut session, Some(&e), &mut ctx).await;
+        return;
+    }
+    // Boxed: the handshake's state is let go once it is done, not kept in the task for as
+    // long as the WebSocket stays open.
+    let mut odoo = match Box::pin(handshake(&gate, &mut session, &mut ctx)).await {
+        Ok(Some(odoo)) => odoo,
+        // Odoo refused the upgrade; its answer went to the client.
+        Ok(None) => {
+            gate.logging(&mut session, None, &mut ctx).await;
+            return;
+        }
+        Err(e) => {
+            if !gate.suppress_error_log(&session, &ctx, &e) {
+                tracing::error!("WebSocket handshake failed: {e}");
+            }
+            gate.fail_to_proxy(&mut session, &e, &mut ctx).await;
+            gate.logging(&mut session, Some(&e), &mut ctx).await;
+            return;
+        }
+    };
+    // Bytes already read past either head (a browser should wait for the 101, Odoo may
+    // send at once): whatever is buffered is taken now, without waiting.
+    let early_client = early(
+        session
+            .downstream_session
+            .read_request_body()
+            .now_or_never(),
+    );
+    let early_odoo = early(odoo.read_body_bytes().now_or_never());
+    // What the log needs of the request; the rest of it is let go.
+    let req = session.req_header();
+    let method = req.method.clone();
+    let path = req.uri.path().to_string();
+    let audited = ctx.own_class().is_some_and(|c| c.audit);
+    let forwarded_for = if audited {
+        req.headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        String::new()
+    };
+    let Session {
+        downstream_session, ..
+    } = session;
+    let ServerSession::H1(client) = *downstream_session else {
+        return;
+    };
+    let timeouts = ctx.own_class().map(|c| c.timeouts);
+    let Some(t) = timeouts else {
+        return;
+    };
+    let plain = client.stream().as_any().is::<L4Stream>();
+    let (client_rx, client_tx) = tokio::io::split(client.into_inner());
+    let (odoo_rx, odoo_tx) = tokio::io::split(odoo.into_inner());
+    let tunnel = Box::new(Tunnel {
+        up: Half::new(client_rx, odoo_tx, plain, t.idle),
+        down: Half::new(odoo_rx, client_tx, true, t.read.max(t.idle)),
+        gate,
+        ctx,
+        method,
+        path,
+        forwarded_for,
+    });
+    // A task of its own, as small as the relay: this one (room for every step of the
+    // handshake) ends here.
+    tokio::spawn(tunnel.run(early_client, early_odoo));
+}
+
+/// Bytes a session had buffered: `Some(Ok(Some(_)))` from a read that did not wait.
+fn early(read: Option<Result<Option<Bytes>>>) -> Bytes {
+    match read {
+        Some(Ok(Some(b))) => b,
+        _ => Bytes::new(),
+    }
+}
+
+/// Connects to Odoo (failing over while nothing was sent) and passes the handshake on.
+/// `Some`: Odoo switched protocols and the client has its 101. `None`: Odoo refused, and its
+/// answer went to the client, whose connection then closes.
+async fn handshake(
+    gate: &ErpGate,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> Result<Option<OdooSession>> {
+    let Some(t) = ctx.own_class().map(|c| c.timeouts) else {
+        return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
+    };
+    let tcp = loop {
+        let server = ctx.pick_server(session.req_header())?;
+        let connect = tokio::net::TcpStream::connect(server.socket);
+        let mut e = match tokio::time::timeout(t.connect, connect).await {
+            Ok(Ok(tcp)) => break tcp,
+            Ok(Err(io)) => Error::because(
+                ErrorType::ConnectError,
+                format!("connecting to {}", server.address),
+                io,
+            ),
+            Err(_) => Error::explain(
+                ErrorType::ConnectTimedout,
+                format!("connecting to {}", server.address),
+            ),
+        };
+        e.as_up();
+        ctx.connect_failed(&e);
+        if !ctx.may_try_again() {
+            return Err(e);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut up = odoo_request(session.req_header())?;
+    gate.upstream_request_filter(session, &mut up, ctx).await?;
+    let mut odoo = OdooSession::new(Box::new(L4Stream::from(tcp)));
+    odoo.read_timeout = Some(t.read);
+    odoo.write_timeout = Some(t.read);
+    let upstream = |mut e: Box<Error>| {
+        e.as_up();
+        e
+    };
+    odoo.write_request_header(Box::new(up))
+        .await
+        .map_err(upstream)?;
+    odoo.read_response().await.map_err(upstream)?;
+    let Some(mut resp) = odoo.resp_header().cloned() else {
+        return Err(upstream(Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "no answer to the WebSocket handshake",
+        )));
+    };
+    gate.response_filter(session, &mut resp, ctx).await?;
+    let upgraded = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    if !upgraded {
+        session.set_keepalive(None);
+    }
+    session
+        .downstream_session
+        .write_response_header(Box::new(resp))
+        .await?;
+    if upgraded {
+        return Ok(Some(odoo));
+    }
+    while let Some(body) = odoo.read_body_bytes().await.map_err(upstream)? {
+        session
+            .downstream_session
+            .write_response_body(body, false)
+            .await?;
+    }
+    session.downstream_session.finish_body().await?;
+    Ok(None)
+}
+
+/// An open WebSocket: its two directions, and what is left of the request for its log.
+/// Kept in one allocation, which the relay's task only points to.
+struct Tunnel {
+    /// The browser's bytes, to Odoo.
+    up: Half,
+    /// Odoo's bytes, to the browser.
+    down: Half,
+    gate: ErpGate,
+    ctx: Ctx,
+    method: http::Method,
+    path: String,
+    forwarded_for: String,
+}
+
+impl Tunnel {
+    /// Relays (bytes read past the heads first), then logs the WebSocket.
+    async fn run(mut self: Box<Self>, early_client: Bytes, early_odoo: Bytes) {
+        let _open = wsclose::Open::new();
+        let end = self.relay(early_client, early_odoo).await.err();
+        let line = Line {
+            method: self.method.as_str(),
+            path: &self.path,
+            status: 101,
+            bytes_in: self.up.bytes,
+            bytes_out: self.down.bytes,
+        };
+        let forwarded_for = || std::mem::take(&mut self.forwarded_for);
+        self.gate
+            .record(&line, forwarded_for, end.as_deref(), &self.ctx);
+    }
+
+    /// Relays until both sides closed, either side stayed idle too long or broke, or erpgate
+    /// ended the WebSocket on stopping. An error says what ended it when that was not a close.
+    async fn relay(&mut self, early_client: Bytes, early_odoo: Bytes) -> Result<()> {
+        self.up.pass(&early_client).await?;
+        self.down.pass(&early_odoo).await?;
+        // They may hold a session's read buffer.
+        drop((early_client, early_odoo));
+        let mut phase = wsclose::phase();
+        let mut phase2 = phase.clone();
+        tokio::try_join!(
+            to_odoo(&mut self.up, &mut phase),
+            to_client(&mut self.down, &mut phase2)
+        )?;
+        Ok(())
+    }
+}
+
+/// One direction of a WebSocket.
+struct Half {
+    from: ReadHalf<Stream>,
+    to: WriteHalf<Stream>,
+    /// `from` is a plain socket: wait until it is readable holding no buffer.
+    plain: bool,
+    /// `from` is a TLS stream: its read buffer.
+    buf: Vec<u8>,
+    idle: Duration,
+    frames: FrameTracker,
+    bytes: usize,
+}
+
+impl Half {
+    fn new(from: ReadHalf<Stream>, to: WriteHalf<Stream>, plain: bool, idle: Duration) -> Half {
+        Half {
+            from,
+            to,
+            plain,
+            buf: if plain { Vec::new() } else { vec![0; TLS_BUF] },
+            idle,
+            frames: FrameTracker::default(),
+            bytes: 0,
+        }
+    }
+
+    /// The next bytes (`None`: the other side closed), waiting at most `idle`.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        match tokio::time::timeout(self.idle, self.read()).await {
+            Ok(Ok(got)) => Ok(got),
+            Ok(Err(e)) => Error::e_because(ErrorType::ReadError, "reading a WebSocket", e),
+            Err(_) => Error::e_explain(ErrorType::ReadTimedout, "WebSocket idle too long"),
+        }
+    }
+
+    async fn read(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if !self.plain {
+            let n = self.from.read(&mut self.buf).await?;
+            return Ok((n > 0).then(|| self.buf[..n].to_vec()));
+        }
+        loop {
+            // An empty read of a socket waits until it is readable (or closed) and takes
+            // nothing; the buffer exists only from then on.
+            let _nothing: usize = self.from.read(&mut []).await?;
+            let mut buf = vec![0; CHUNK];
+            match self.from.read(&mut buf).now_or_never() {
+                Some(Ok(0)) => return Ok(None),
+                Some(Ok(n)) => {
+                    buf.truncate(n);
+                    return Ok(Some(buf));
+                }
+                Some(Err(e)) => return Err(e),
+                // The readiness was left from bytes already read; this read cleared it.
+                None => continue,
+            }
+        }
+    }
+
+    /// Passes `data` on (following its frames), within `idle`.
+    async fn pass(&mut self, data: &[u8]) -> Result<()> {
+        self.frames.feed(data);
+        self.send(data).await
+    }
+
+    async fn send(&mut self, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.to.write_all(data).await?;
+            self.to.flush().await
+        };
+        match tokio::time::timeout(self.idle, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Error::e_because(ErrorType::WriteError, "relaying a WebSocket", e),
+            Err(_) => Error::e_explain(ErrorType::WriteTimedout, "relaying a WebSocket"),
+        }
+    }
+
+    /// No more bytes this way.
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(self.idle, self.to.shutdown()).await;
+    }
+}
+
+/// The browser's frames on their way to Odoo. When erpgate stops, Odoo gets a close frame
+/// at the next frame boundary, and what the browser sends after that is dropped.
+async fn to_odoo(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> {
+    let mut asked = false;
+    loop {
+        let now = *phase.borrow_and_update();
+        if now == FORCED {
+            return Ok(());
+        }
+        if now == CLOSING && !asked && h.frames.at_boundary() {
+            h.send(&wsclose::client_close()).await?;
+            asked = true;
+        }
+        let got = tokio::select! {
+            _ = phase.changed() => continue,
+            got = h.next() => got?,
+        };
+        let Some(data) = got else {
+            h.close().await;
+            return Ok(());
+        };
+        h.bytes += data.len();
+        let pass = match (now, asked) {
+            (RUNNING, _) => {
+                h.frames.feed(&data);
+                data.len()
+            }
+            (_, false) => h.frames.feed_to_boundary(&data),
+            (_, true) => 0,
+        };
+        h.send(&data[..pass]).await?;
+    }
+}
+
+/// Odoo's frames on their way to the browser. When erpgate ended the WebSocket (asked Odoo
+/// to close, or gave up waiting) and the browser got no close frame from Odoo, it gets
+/// erpgate's own at the end, if the end falls between two frames.
+async fn to_client(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> {
+    loop {
+        let now = *phase.borrow_and_update();
+        if now == FORCED {
+            end_to_client(h, true).await;
+            return Ok(());
+        }
+        let got = tokio::select! {
+            _ = phase.changed() => continue,
+            got = h.next() => got?,
+        };
+        let Some(data) = got else {
+            end_to_client(h, now == CLOSING).await;
+            return Ok(());
+        };
+        h.bytes += data.len();
+        h.pass(&data).await?;
+    }
+}
+
+async fn end_to_client(h: &mut Half, ours: bool) {
+    if ours && !h.frames.saw_close() && h.frames.at_boundary() {
+        let _ = h.send(&SERVER_CLOSE).await;
+    }
+    h.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(head: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/websocket", None).expect("head");
+        for (k, v) in head {
+            r.append_header(k.to_string(), *v).expect("header");
+        }
+        r
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_relayed_by_erpgate() {
+        let ws = [
+            ("Upgrade", "websocket"),
+            ("Connection", "keep-alive, Upgrade"),
+        ];
+        assert!(is_websocket_request(&req(&ws)));
+        assert!(is_websocket_request(&req(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "upgrade")
+        ])));
+        assert!(!is_websocket_request(&req(&[
+            ("Upgrade", "h2c"),
+            ("Connection", "Upgrade")
+        ])));
+        assert!(!is_websocket_request(&req(&[("Upgrade", "websocket")])));
+        let mut old = req(&ws);
+        old.set_version(http::Version::HTTP_10);
+        assert!(!is_websocket_request(&old));
+    }
+
+    #[test]
+    fn a_handshake_is_a_get_without_body() {
+        assert!(well_formed(&req(&[])));
+        assert!(well_formed(&req(&[("Content-Length", "0")])));
+        assert!(!well_formed(&req(&[("Content-Length", "5")])));
+        assert!(!well_formed(&req(&[("Transfer-Encoding", "chunked")])));
+        let mut post = req(&[]);
+        post.set_method(http::Method::POST);
+        assert!(!well_formed(&post));
+    }
+
+    #[test]
+    fn odoo_gets_the_upgrade_without_hop_by_hop_fields() {
+        let up = odoo_request(&req(&[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade, X-Secret, Host"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("Host", "erp.example.com"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]))
+        .expect("request");
+        let h = |n: &str| {
+            up.headers
+                .get(n)
+                .map(|v| v.to_str().unwrap_or("?").to_string())
+        };
+        assert_eq!(h("connection").as_deref(), Some("Upgrade"));
+        assert_eq!(h("upgrade").as_deref(), Some("websocket"));
+        assert_eq!(h("host").as_deref(), Some("erp.example.com"));
+        assert_eq!(
+            h("sec-websocket-key").as_deref(),
+            Some("dGhlIHNhbXBsZSBub25jZQ==")
+        );
+        for gone in ["x-secret", "keep-alive", "proxy-authorization"] {
+            assert_eq!(h(gone), None, "{gone}");
+        }
+    }
+}
