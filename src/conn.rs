@@ -18,11 +18,13 @@ use crate::proxy::ErpGate;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
+use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,13 +35,16 @@ const HEAD_BUF: usize = 4096;
 
 pub struct Connections {
     proxy: Arc<HttpProxy<ErpGate>>,
+    /// The same proxy, for the requests erpgate serves itself ([`crate::fast`]).
+    gate: ErpGate,
     store: Arc<ArcSwap<Config>>,
 }
 
 impl Connections {
-    pub fn new(proxy: HttpProxy<ErpGate>, store: Arc<ArcSwap<Config>>) -> Self {
+    pub fn new(proxy: HttpProxy<ErpGate>, gate: ErpGate, store: Arc<ArcSwap<Config>>) -> Self {
         Connections {
             proxy: Arc::new(proxy),
+            gate,
             store,
         }
     }
@@ -61,6 +66,17 @@ impl Connections {
                 return;
             };
             fresh = false;
+            // What the client sent so far, without waiting for more: a whole simple request
+            // is served by erpgate's own loop, anything else by Pingora's proxy, which parses
+            // these bytes first.
+            let mut head = BytesMut::with_capacity(HEAD_BUF);
+            head.extend_from_slice(first.as_slice());
+            match stream.read_buf(&mut head).now_or_never() {
+                Some(Ok(0)) if head.is_empty() => return,
+                Some(Err(_)) => return,
+                _ => {}
+            }
+            let fast = crate::fast::eligible(&head);
             let mut session = ServerSession::new_http1(stream);
             match carried.take() {
                 Some(settings) => settings.apply_to_session(&mut session),
@@ -70,15 +86,21 @@ impl Connections {
                         .and_then(|o| o.keepalive_request_limit),
                 ),
             }
-            if let Some(first) = first {
-                let mut head = BytesMut::with_capacity(HEAD_BUF);
-                head.extend_from_slice(&[first]);
+            if !head.is_empty() {
                 session.set_pipelined_prefix(head);
             }
             // The rest of the head must come within the same limit (Pingora would otherwise
             // wait for it without end on a reused connection).
             session.set_keepalive(Some(whole_secs(idle)));
-            let Some(reused) = self.proxy.process_new_http(session, &shutdown).await else {
+            let reused = if fast {
+                let mut proxied = Session::new_h1(Box::new(std::io::Cursor::new(Vec::new())));
+                *proxied.downstream_session = session;
+                // Boxed: the connection's task keeps no room for a request while it waits.
+                Box::pin(crate::fast::serve(&self.gate, proxied)).await
+            } else {
+                self.proxy.process_new_http(session, &shutdown).await
+            };
+            let Some(reused) = reused else {
                 return;
             };
             let (next, settings) = reused.consume();

@@ -1,5 +1,53 @@
-//! Security response headers: the `session_id` cookie flags Odoo's deployment guide sets in
-//! nginx (`secure; samesite=lax`).
+//! Header rules: the fields that concern one connection only (never passed on), and the
+//! `session_id` cookie flags Odoo's deployment guide sets in nginx (`secure; samesite=lax`).
+
+use http::header::HeaderName;
+use pingora::http::RequestHeader;
+
+/// Fields that concern one connection only, never passed on (RFC 9110, 7.6.1), besides those
+/// the client's `Connection` names.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Fields a client's `Connection` may not take away.
+const PROTECTED: [&str; 4] = [
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// The comma-separated tokens of every `name` field, trimmed.
+pub fn tokens(req: &RequestHeader, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    req.headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii))
+}
+
+/// Removes from `up`, the request as it goes to Odoo, the fields that concern the client's
+/// connection only: the standard ones and those `from` (the client's request) names in its
+/// `Connection`.
+pub fn strip_hop_by_hop(up: &mut RequestHeader, from: &RequestHeader) {
+    let named: Vec<String> = tokens(from, http::header::CONNECTION)
+        .filter_map(|t| std::str::from_utf8(t).ok())
+        .map(str::to_ascii_lowercase)
+        .filter(|t| !t.is_empty() && !PROTECTED.contains(&t.as_str()))
+        .collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        up.remove_header(name);
+    }
+}
 
 /// The `Set-Cookie` value with `Secure` and `SameSite=Lax` added, when it sets Odoo's
 /// `session_id` cookie and lacks them; `None` when nothing changes. An existing `SameSite`

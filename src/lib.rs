@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod dns;
 pub mod errors;
+pub mod fast;
 pub mod forwarded;
 pub mod headers;
 pub mod health;

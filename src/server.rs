@@ -147,7 +147,8 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let mut app = http_proxy(&server.configuration, ErpGate::new(store.clone()));
+    let gate = ErpGate::new(store.clone());
+    let mut app = http_proxy(&server.configuration, gate.clone());
     // HTTP/2 connections (HTTPS with ALPN h2) run in Pingora's own loop: the same idle limit
     // for them, as it is at start.
     let mut options = pingora::apps::HttpServerOptions::default();
@@ -155,7 +156,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     app.server_options = Some(options);
     let mut proxy = Service::new(
         "erpgate proxy".to_string(),
-        Connections::new(app, store.clone()),
+        Connections::new(app, gate, store.clone()),
     );
     for addr in &http {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));

@@ -40,29 +40,6 @@ const CHUNK: usize = 16 * 1024;
 /// The read buffer a TLS client connection keeps.
 const TLS_BUF: usize = 4096;
 
-/// Headers that concern one connection only, never passed on (with those the client's
-/// `Connection` names); the upgrade is then asked of Odoo again.
-const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
-];
-
-/// Headers a client's `Connection` may not take away.
-const PROTECTED: [&str; 4] = [
-    "host",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-];
-
 /// Whether the request (HTTP/1) asks for a WebSocket. Other `Upgrade` requests stay with
 /// Pingora, which passes them on as plain requests without the upgrade.
 pub fn is_websocket(session: &Session) -> bool {
@@ -77,16 +54,8 @@ pub fn is_websocket_request(req: &RequestHeader) -> bool {
         && has_token(req, header::CONNECTION, "upgrade")
 }
 
-fn tokens(req: &RequestHeader, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    req.headers
-        .get_all(name)
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-}
-
 fn has_token(req: &RequestHeader, name: HeaderName, token: &str) -> bool {
-    tokens(req, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+    crate::headers::tokens(req, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// A handshake has no body, and only `GET` opens a WebSocket (RFC 6455, 4.1).
@@ -98,17 +67,11 @@ fn well_formed(req: &RequestHeader) -> bool {
     req.method == http::Method::GET && empty && !req.headers.contains_key(header::TRANSFER_ENCODING)
 }
 
-/// The handshake as it goes to Odoo (before the forwarded headers).
+/// The handshake as it goes to Odoo (before the forwarded headers): without the fields that
+/// concern the client's connection only, asking for the upgrade again.
 fn odoo_request(req: &RequestHeader) -> Result<RequestHeader> {
     let mut up = req.clone();
-    let named: Vec<String> = tokens(req, header::CONNECTION)
-        .filter_map(|t| std::str::from_utf8(t).ok())
-        .map(str::to_ascii_lowercase)
-        .filter(|t| !t.is_empty() && !PROTECTED.contains(&t.as_str()))
-        .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        up.remove_header(name);
-    }
+    crate::headers::strip_hop_by_hop(&mut up, req);
     up.insert_header(header::CONNECTION, "Upgrade")?;
     up.insert_header(header::UPGRADE, "websocket")?;
     Ok(up)
