@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 /// Most header fields a request may have to take this path (more go to Pingora's proxy).
 const MAX_HEADERS: usize = 64;
 
-/// Most attempts at one request (Pingora's proxy default); erpgate's hooks end them sooner
-/// (a pool's `max_attempts`).
-const MAX_TRIES: usize = 16;
+/// Most attempts at one request: the bound erpgate gives Pingora's proxy (a pool's
+/// `max_attempts` ends them sooner, through erpgate's failure hooks).
+const MAX_TRIES: usize = crate::config::MAX_ATTEMPTS_LIMIT;
 
 /// Whether `head`, all that a client has sent so far, is one whole request this path serves:
 /// an HTTP/1.1 `GET` or `HEAD` in origin form, nothing after its head, and no body, upgrade
