@@ -3,9 +3,8 @@
 //!
 //! Pingora's proxy runs every request through its whole machinery: a boxed proxy future with
 //! its phases, cache and module checks, and request and response pumps exchanging tasks over
-//! channels, with a connection pool that spawns a watcher for every idle connection. For a
-//! request without a body erpgate does the same steps itself, in order: Pingora's HTTP/1
-//! codec on both sides (so framing, chunked bodies, `HEAD`, keep-alive and the `Date` and
+//! channels. For a request without a body erpgate does the same steps itself, in order, on
+//! the same parts: Pingora's connection pool to Odoo, its HTTP/1 codec on both sides (so framing, chunked bodies, `HEAD`, keep-alive and the `Date` and
 //! `Connection` headers are Pingora's) and erpgate's own hooks (`request_filter`,
 //! `upstream_peer`, `upstream_request_filter`, `response_filter`, the failure hooks and
 //! `logging`), so the policy, the headers, the failover and retry rules, the logs and the
@@ -16,16 +15,14 @@
 use crate::proxy::{Ctx, ErpGate};
 use bytes::Bytes;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora::connectors::TransportConnector;
 use pingora::http::ResponseHeader;
-use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::client::HttpSession as OdooSession;
-use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
-use pingora::{Error, ErrorType, OrErr, Result, RetryType};
-use std::cell::RefCell;
-use std::time::{Duration, Instant};
+use pingora::{Error, ErrorType, Result, RetryType};
+use std::sync::LazyLock;
 
 /// Most header fields a request may have to take this path (more go to Pingora's proxy).
 const MAX_HEADERS: usize = 64;
@@ -56,92 +53,16 @@ pub fn eligible(head: &[u8]) -> bool {
         })
 }
 
-/// An idle connection to a server. Connections to Odoo are kept alive between requests per
-/// worker thread (no lock, no task per idle connection; a connection Odoo closed meanwhile
-/// fails its next request before an answer, which then goes again on a new one: only `GET`
-/// and `HEAD` come this way).
-struct Idle {
-    server: u64,
-    stream: Stream,
-    since: Instant,
-}
-
-/// Idle connections a worker thread keeps, all servers together (the oldest go first).
-const IDLE_MAX: usize = 256;
-
-/// How long an idle connection is kept (Odoo's gevent worker keeps one a minute or more).
-const IDLE_FOR: Duration = Duration::from_secs(30);
-
-thread_local! {
-    static IDLE: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A kept-alive connection to `server`, the most recent one. The list runs oldest first:
-/// when the one found has been idle too long, so have all before it, and they go.
-fn take_idle(server: u64) -> Option<Stream> {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let at = idle.iter().rposition(|c| c.server == server)?;
-        if idle[at].since.elapsed() >= IDLE_FOR {
-            idle.drain(..=at);
-            return None;
-        }
-        Some(idle.remove(at).stream)
-    })
-}
-
-/// Keeps a connection for the next request to `server`; those idle too long go.
-fn keep_idle(server: u64, stream: Stream) {
-    let now = Instant::now();
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let stale = idle
-            .iter()
-            .take_while(|c| now.duration_since(c.since) >= IDLE_FOR)
-            .count();
-        idle.drain(..stale);
-        if idle.len() >= IDLE_MAX {
-            idle.remove(0);
-        }
-        idle.push(Idle {
-            server,
-            stream,
-            since: now,
-        });
-    });
-}
-
-/// A new connection to `peer`, within its connect timeout.
-async fn connect(peer: &HttpPeer) -> Result<Stream> {
-    let Some(addr) = peer.address().as_inet().copied() else {
-        return Error::e_explain(ErrorType::ConnectError, "Odoo servers are TCP addresses");
-    };
-    let limit = peer
-        .options
-        .connection_timeout
-        .unwrap_or(Duration::from_secs(10));
-    let tcp = match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                ErrorType::ConnectRefused
-            } else {
-                ErrorType::ConnectError
-            };
-            return Error::e_because(kind, format!("connecting to {addr}"), e);
-        }
-        Err(_) => {
-            return Error::e_explain(ErrorType::ConnectTimedout, format!("connecting to {addr}"))
-        }
-    };
-    tcp.set_nodelay(true)
-        .or_err(ErrorType::SocketError, "setting TCP_NODELAY")?;
-    Ok(Box::new(L4Stream::from(tcp)))
-}
+/// Connections to Odoo: Pingora's connector and its pool of kept-alive connections (each
+/// watched while idle, so one Odoo closes is dropped, not handed out).
+static CONNECTOR: LazyLock<TransportConnector> = LazyLock::new(|| TransportConnector::new(None));
 
 /// Serves one request (its head is in the session's buffer); the connection back when it
 /// may carry another.
-pub async fn serve(gate: &ErpGate, mut session: Session) -> Option<ReusedHttpStream> {
+pub async fn serve(gate: &ErpGate, downstream: ServerSession) -> Option<ReusedHttpStream> {
+    // erpgate's hooks take Pingora's proxy session: one around this connection's session.
+    let mut session = Session::new_h1(Box::new(std::io::Cursor::new(Vec::new())));
+    *session.downstream_session = downstream;
     match session.downstream_session.read_request().await {
         Ok(true) => {}
         Ok(false) => return None,
@@ -216,38 +137,39 @@ async fn proxy(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> (Result<
 /// error says whether another attempt may follow (erpgate's failure hooks decide).
 async fn attempt(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
     let peer = gate.upstream_peer(session, ctx).await?;
-    let server = ctx.server_id();
-    let mut kept = take_idle(server);
+    let mut fresh = false;
     loop {
-        let reused = kept.is_some();
-        let stream = match kept.take() {
-            Some(stream) => stream,
-            None => match connect(&peer).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    let mut e = gate.fail_to_connect(session, &peer, ctx, e);
-                    e.as_up();
-                    return Err(e);
-                }
-            },
+        let got = if fresh {
+            CONNECTOR.new_stream(&*peer).await.map(|s| (s, false))
+        } else {
+            CONNECTOR.get_stream(&*peer).await
         };
-        let mut odoo = OdooSession::new(stream);
-        match exchange(gate, session, &mut odoo, &peer, ctx).await {
+        let (stream, reused) = match got {
+            Ok(got) => got,
+            Err(e) => {
+                let mut e = gate.fail_to_connect(session, &peer, ctx, e);
+                e.as_up();
+                return Err(e);
+            }
+        };
+        let mut odoo = OdooSession::new_with_options(stream, &*peer);
+        match exchange(gate, session, &mut odoo, ctx).await {
             Ok(()) => {
                 odoo.respect_keepalive();
                 if let Some(stream) = odoo.reuse().await {
-                    keep_idle(server, stream);
+                    CONNECTOR.release_stream(stream, peer.reuse_hash(), peer.idle_timeout());
                 }
                 return Ok(());
             }
-            // Odoo had closed this kept-alive connection while it was idle, before any
-            // answer: the request goes again to the same server on a new connection.
+            // Odoo closed this kept-alive connection before any answer (after the pool last
+            // looked at it): the request goes again to the same server on a new connection.
             Err(e)
                 if reused
                     && matches!(e.retry, RetryType::ReusedOnly)
                     && session.response_written().is_none() =>
             {
                 tracing::debug!("kept-alive connection to Odoo found closed: {e}");
+                fresh = true;
             }
             Err(e) => return Err(gate.error_while_proxy(&peer, session, e, ctx, reused)),
         }
@@ -264,16 +186,13 @@ fn downstream(mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// One request to Odoo on `odoo` and its answer to the client.
+/// One request to Odoo on `odoo` (its timeouts the peer's) and its answer to the client.
 async fn exchange(
     gate: &ErpGate,
     session: &mut Session,
     odoo: &mut OdooSession,
-    peer: &HttpPeer,
     ctx: &mut Ctx,
 ) -> Result<()> {
-    odoo.read_timeout = peer.options.read_timeout;
-    odoo.write_timeout = peer.options.write_timeout;
     let mut req = session.req_header().clone();
     req.set_version(http::Version::HTTP_11);
     crate::headers::strip_hop_by_hop(&mut req, session.req_header());

@@ -165,11 +165,6 @@ impl Ctx {
         self.class.and_then(|i| cfg.classes.get(i))
     }
 
-    /// The id of the server of the current attempt (0: none yet).
-    pub(crate) fn server_id(&self) -> u64 {
-        self.server.as_ref().map_or(0, |s| s.id)
-    }
-
     /// The request's class (None before classification, or when none took it).
     pub(crate) fn own_class(&self) -> Option<&Class> {
         self.class(&self.cfg)
