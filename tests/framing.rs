@@ -1,7 +1,8 @@
 //! Odoo's answers to requests without a body, in every framing HTTP/1 allows (chunked, a
 //! length, ended by closing, none for `HEAD` and 304), reach the client whole on a connection
 //! that stays open; a kept-alive connection to Odoo is reused, and one Odoo closed while it
-//! was idle costs the client nothing.
+//! was idle costs the client nothing; bytes either side sends right after a WebSocket handshake
+//! are passed on.
 //!
 //! The stand-in here is Odoo's gevent worker answering HTTP/1.1 the way werkzeug can
 //! (streamed answers chunked, HTTP/1.0 ones ended by closing), scripted per path.
@@ -152,5 +153,98 @@ fn a_kept_alive_odoo_connection_is_reused_and_one_closed_meanwhile_costs_nothing
         assert_eq!((r.status, r.body_str().as_str()), (200, "ok"));
         let r = c.send(&get("/length"));
         assert_eq!((r.status, r.body_str().as_str()), (200, "abc"));
+    }
+}
+
+/// A gevent worker that accepts a WebSocket and at once, in the same write as its 101, sends
+/// a text frame "hi"; it keeps what the browser sends after the handshake. Other requests
+/// (health probes) get 200.
+fn eager_gevent() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = got.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let kept = kept.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = BufReader::new(s.try_clone()?);
+                let mut w = s;
+                let mut line = String::new();
+                reader.read_line(&mut line)?;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                if !line.starts_with("GET /websocket ") {
+                    return w.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+                w.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi",
+                )?;
+                let mut buf = [0u8; 256];
+                loop {
+                    let n = reader.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    kept.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[test]
+fn bytes_sent_right_after_a_websocket_handshake_are_not_lost_either_way() {
+    use std::io::Read;
+    let (odoo, got) = eager_gevent();
+    let gw = Erpgate::start(&format!(
+        "[pools.web]\nservers = [{{ address = \"{odoo}\" }}]\n[[class]]\nname = \"user\"\npool = \"web\"\n"
+    ));
+    let mut s = TcpStream::connect(gw.http).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    // A masked text frame "ok" in the same write as the handshake.
+    let early = [0x81, 0x82, 1, 2, 3, 4, b'o' ^ 1, b'k' ^ 2];
+    let mut hello = b"GET /websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    hello.extend_from_slice(&early);
+    s.write_all(&hello).expect("write");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let frame_from_odoo = b"\x81\x02hi";
+    while !seen.ends_with(frame_from_odoo) {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let have = got.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if have == early {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Odoo got {have:?} after the handshake"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
