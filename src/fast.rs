@@ -176,7 +176,8 @@ async fn attempt(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> Result
     }
 }
 
-fn upstream(mut e: Box<Error>) -> Box<Error> {
+/// The error, as Odoo's side's.
+pub(crate) fn upstream(mut e: Box<Error>) -> Box<Error> {
     e.as_up();
     e
 }

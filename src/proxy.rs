@@ -154,7 +154,7 @@ struct Prefix {
 impl Ctx {
     /// Whether another server may still be tried: not all of the pool tried yet, and fewer
     /// attempts than the pool's `max_attempts`.
-    pub(crate) fn may_try_again(&self) -> bool {
+    fn may_try_again(&self) -> bool {
         self.class(&self.cfg).is_some_and(|c| {
             let pool = &self.cfg.pools[c.pool];
             self.tried.len() < pool.servers.load().len().min(pool.max_attempts)
@@ -173,10 +173,7 @@ impl Ctx {
     /// Chooses the server of the next attempt (zone first, then failover zones; never one
     /// already tried) and counts the request among its open connections. Error 503 when the
     /// pool has no server left to try.
-    pub(crate) fn pick_server(
-        &mut self,
-        req: &RequestHeader,
-    ) -> Result<Arc<crate::config::Upstream>> {
+    fn pick_server(&mut self, req: &RequestHeader) -> Result<Arc<crate::config::Upstream>> {
         let cfg = self.cfg.clone();
         let Some(class) = self.class(&cfg) else {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
@@ -211,7 +208,7 @@ impl Ctx {
 
     /// A connection to the current server failed (nothing of the request was sent): the
     /// server is down until its probes say otherwise (a passive check).
-    pub(crate) fn connect_failed(&mut self, e: &Error) {
+    fn connect_failed(&mut self, e: &Error) {
         self.open_on = None;
         if let (Some(class), Some(server)) = (self.class(&self.cfg), &self.server) {
             if server.state.connect_failed() {
@@ -994,16 +991,8 @@ impl ProxyHttp for ErpGate {
         if ctx.handed_off {
             return;
         }
-        let forwarded_for = || {
-            let xff: Vec<&str> = session
-                .req_header()
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            xff.join(", ")
-        };
+        let req = session.req_header();
+        let forwarded_for = || forwarded_for(req);
         self.record(
             &crate::access::Line::of(session, ctx),
             forwarded_for,
@@ -1011,6 +1000,17 @@ impl ProxyHttp for ErpGate {
             ctx,
         );
     }
+}
+
+/// The `X-Forwarded-For` values a request came with, joined (for its audit record).
+pub(crate) fn forwarded_for(req: &RequestHeader) -> String {
+    let xff: Vec<&str> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    xff.join(", ")
 }
 
 impl ErpGate {

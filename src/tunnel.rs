@@ -18,17 +18,20 @@
 //! any request. On SIGTERM each relay closes its WebSocket properly ([`crate::wsclose`]).
 
 use crate::access::Line;
+use crate::fast::upstream;
 use crate::proxy::{Ctx, ErpGate};
 use crate::wsclose::{self, FrameTracker, CLOSING, FORCED, RUNNING, SERVER_CLOSE};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderName};
 use pingora::http::RequestHeader;
+use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::client::HttpSession as OdooSession;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorType, Result};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -122,12 +125,7 @@ pub async fn serve(gate: ErpGate, mut session: Session, mut ctx: Ctx) {
     let path = req.uri.path().to_string();
     let audited = ctx.own_class().is_some_and(|c| c.audit);
     let forwarded_for = if audited {
-        req.headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::proxy::forwarded_for(req)
     } else {
         String::new()
     };
@@ -174,40 +172,24 @@ async fn handshake(
     session: &mut Session,
     ctx: &mut Ctx,
 ) -> Result<Option<OdooSession>> {
-    let Some(t) = ctx.own_class().map(|c| c.timeouts) else {
-        return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
-    };
-    let tcp = loop {
-        let server = ctx.pick_server(session.req_header())?;
-        let connect = tokio::net::TcpStream::connect(server.socket);
-        let mut e = match tokio::time::timeout(t.connect, connect).await {
-            Ok(Ok(tcp)) => break tcp,
-            Ok(Err(io)) => Error::because(
-                ErrorType::ConnectError,
-                format!("connecting to {}", server.address),
-                io,
-            ),
-            Err(_) => Error::explain(
-                ErrorType::ConnectTimedout,
-                format!("connecting to {}", server.address),
-            ),
-        };
-        e.as_up();
-        ctx.connect_failed(&e);
-        if !ctx.may_try_again() {
-            return Err(e);
+    // A connection of its own (never a pooled one: it becomes the WebSocket), to the server
+    // `upstream_peer` picks, with its timeouts; failing over as `fail_to_connect` says.
+    let (stream, peer) = loop {
+        let peer = gate.upstream_peer(session, ctx).await?;
+        match connect(&peer).await {
+            Ok(stream) => break (stream, peer),
+            Err(e) => {
+                let mut e = gate.fail_to_connect(session, &peer, ctx, e);
+                e.as_up();
+                if !e.retry() {
+                    return Err(e);
+                }
+            }
         }
     };
-    let _ = tcp.set_nodelay(true);
     let mut up = odoo_request(session.req_header())?;
     gate.upstream_request_filter(session, &mut up, ctx).await?;
-    let mut odoo = OdooSession::new(Box::new(L4Stream::from(tcp)));
-    odoo.read_timeout = Some(t.read);
-    odoo.write_timeout = Some(t.read);
-    let upstream = |mut e: Box<Error>| {
-        e.as_up();
-        e
-    };
+    let mut odoo = OdooSession::new_with_options(stream, &*peer);
     odoo.write_request_header(Box::new(up))
         .await
         .map_err(upstream)?;
@@ -238,6 +220,35 @@ async fn handshake(
     }
     session.downstream_session.finish_body().await?;
     Ok(None)
+}
+
+/// A plain TCP connection to `peer` within its connect timeout. Not Pingora's connector: the
+/// stream it builds carries a socket digest and more, about 0.4 KiB per WebSocket for as long
+/// as it stays open (idle_memory, 6,000 WebSockets: 6.59 against 6.16 KiB).
+async fn connect(peer: &HttpPeer) -> Result<Stream> {
+    let Some(addr) = peer.address().as_inet().copied() else {
+        return Error::e_explain(ErrorType::ConnectError, "WebSockets go to TCP servers");
+    };
+    let limit = peer
+        .options
+        .connection_timeout
+        .unwrap_or(Duration::from_secs(10));
+    let tcp = match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                ErrorType::ConnectRefused
+            } else {
+                ErrorType::ConnectError
+            };
+            return Error::e_because(kind, format!("connecting to {addr}"), e);
+        }
+        Err(_) => {
+            return Error::e_explain(ErrorType::ConnectTimedout, format!("connecting to {addr}"))
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(Box::new(L4Stream::from(tcp)))
 }
 
 /// An open WebSocket: its two directions, and what is left of the request for its log.
