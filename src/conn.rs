@@ -27,6 +27,8 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -77,18 +79,20 @@ impl Connections {
                 Some(Err(_)) => return,
                 _ => {}
             }
-            let fast = crate::fast::eligible(&head);
+            // Boxed, either way: the connection's task keeps no room for a request while it
+            // waits.
+            if crate::fast::eligible(&head) {
+                let serving: Pin<Box<dyn Future<Output = Option<Stream>> + Send + '_>> =
+                    Box::pin(crate::fast::serve(&self.gate, stream, head.freeze()));
+                match serving.await {
+                    Some(next) => stream = next,
+                    None => return,
+                }
+                continue;
+            }
             let session = self.session(stream, carried.take(), head, idle);
-            let reused = if fast {
-                // Boxed: the connection's task keeps no room for a request while it waits.
-                let serving: Serving<'_> = Box::pin(crate::fast::serve(&self.gate, session));
-                serving.await
-            } else {
-                let serving: Serving<'_> =
-                    Box::pin(self.proxy.process_new_http(session, &shutdown));
-                serving.await
-            };
-            let Some(reused) = reused else {
+            let serving: Serving<'_> = Box::pin(self.proxy.process_new_http(session, &shutdown));
+            let Some(reused) = serving.await else {
                 return;
             };
             let (next, settings) = reused.consume();
@@ -99,8 +103,7 @@ impl Connections {
 }
 
 /// A request being served, boxed: the connection's task keeps no room for it while waiting.
-type Serving<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<ReusedHttpStream>> + Send + 'a>>;
+type Serving<'a> = Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>>;
 
 impl Connections {
     /// The session of the next request: the connection's settings carried over (or the

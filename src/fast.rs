@@ -1,35 +1,46 @@
 //! Requests without a body (`GET` and `HEAD`, most of what an Odoo page load asks),
-//! proxied by erpgate's own loop instead of Pingora's proxy task.
+//! proxied by erpgate's own HTTP/1 loop instead of Pingora's proxy task.
 //!
 //! Pingora's proxy runs every request through its whole machinery: a boxed proxy future with
-//! its phases, cache and module checks, and request and response pumps exchanging tasks over
-//! channels. For a request without a body erpgate does the same steps itself, in order, on
-//! the same parts: Pingora's connection pool to Odoo, its HTTP/1 codec on both sides (so framing, chunked bodies, `HEAD`, keep-alive and the `Date` and
-//! `Connection` headers are Pingora's) and erpgate's own hooks (`request_filter`,
-//! `upstream_peer`, `upstream_request_filter`, `response_filter`, the failure hooks and
-//! `logging`), so the policy, the headers, the failover and retry rules, the logs and the
-//! metrics are those of every other request. Anything else (a body, an upgrade, `Expect`,
-//! HTTP/1.0, absolute URIs, a head not whole in the first read, pipelined requests) goes to
-//! Pingora's proxy as before.
+//! its phases, cache and module checks, request and response pumps exchanging tasks over
+//! channels, a session object on each side, and a pool of Odoo connections that asks the
+//! kernel for the peer address of each connection it hands out. Measured here, that machinery
+//! costs more CPU per request than nginx spends on the whole request. For a request without
+//! a body erpgate does the same steps itself, on the bytes: the request head as the client
+//! sent it (parsed once, into the same [`RequestHeader`] erpgate's policy reads), the policy
+//! and headers of [`crate::proxy`] (`admit`, the server choice, `forward_headers`,
+//! `answer_headers`, the failure and retry rules, the access log, audit and metrics: the
+//! code every other request goes through), Odoo's answer framed as HTTP/1.1 says
+//! (`Content-Length`, chunked, or up to the close, which goes to the client chunked so its
+//! connection stays open), and a pool of kept-alive connections to Odoo. Anything else (a
+//! body, an upgrade, `Expect`, HTTP/1.0, absolute URIs, a head not whole in the first read,
+//! pipelined requests) goes to Pingora's proxy as before.
 
-use crate::proxy::{Ctx, ErpGate};
-use bytes::Bytes;
-use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
-use pingora::connectors::TransportConnector;
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::v1::client::HttpSession as OdooSession;
-use pingora::protocols::http::ServerSession;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::upstreams::peer::Peer;
+use crate::config::Timeouts;
+use crate::proxy::{self, Client, Ctx, ErpGate, Prefix, Sent};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::Stream;
+use pingora::proxy::ProxyHttp;
 use pingora::{Error, ErrorType, Result, RetryType};
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-/// Most header fields a request may have to take this path (more go to Pingora's proxy).
+/// Most header fields a request or an answer may have on this path (a request with more
+/// goes to Pingora's proxy; an answer with more is a bad answer, as for Pingora).
 const MAX_HEADERS: usize = 64;
 
 /// Most attempts at one request: the bound erpgate gives Pingora's proxy (a pool's
-/// `max_attempts` ends them sooner, through erpgate's failure hooks).
+/// `max_attempts` ends them sooner, through erpgate's failure rules).
 const MAX_TRIES: usize = crate::config::MAX_ATTEMPTS_LIMIT;
+
+/// Largest head of an answer from Odoo.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
 
 /// Whether `head`, all that a client has sent so far, is one whole request this path serves:
 /// an HTTP/1.1 `GET` or `HEAD` in origin form, nothing after its head, and no body, upgrade
@@ -53,64 +64,212 @@ pub fn eligible(head: &[u8]) -> bool {
         })
 }
 
-/// Connections to Odoo: Pingora's connector and its pool of kept-alive connections (each
-/// watched while idle, so one Odoo closes is dropped, not handed out).
-static CONNECTOR: LazyLock<TransportConnector> = LazyLock::new(|| TransportConnector::new(None));
-
-/// Serves one request (its head is in the session's buffer); the connection back when it
-/// may carry another.
-pub async fn serve(gate: &ErpGate, downstream: ServerSession) -> Option<ReusedHttpStream> {
-    // erpgate's hooks take Pingora's proxy session: one around this connection's session.
-    let mut session = Session::new_h1(Box::new(std::io::Cursor::new(Vec::new())));
-    *session.downstream_session = downstream;
-    match session.downstream_session.read_request().await {
-        Ok(true) => {}
-        Ok(false) => return None,
-        Err(e) => {
-            if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
-                let _ = session.downstream_session.respond_error(400).await;
-            }
-            session.downstream_session.shutdown().await;
-            return None;
-        }
+/// The request of an [`eligible`] head.
+fn request(head: &Bytes) -> Result<RequestHeader> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let bad = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(bad("request head")),
     }
-    let mut ctx = gate.new_ctx();
-    let (result, tries) = proxy(gate, &mut session, &mut ctx).await;
-    let reuse = match result {
-        Ok(()) => {
-            gate.logging(&mut session, None, &mut ctx).await;
-            true
-        }
-        Err(e) => {
-            let failed = gate.fail_to_proxy(&mut session, &e, &mut ctx).await;
-            if !gate.suppress_error_log(&session, &ctx, &e) {
-                tracing::error!(
-                    "Fail to proxy: {e}, status: {}, tries: {tries}, retry: false, {}",
-                    failed.error_code,
-                    gate.request_summary(&session, &ctx)
-                );
-            }
-            gate.logging(&mut session, Some(&e), &mut ctx).await;
-            false
-        }
+    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+        return Err(bad("request line"));
     };
-    if !reuse {
-        session.downstream_session.shutdown().await;
-        return None;
+    let mut req = RequestHeader::build(method, path.as_bytes(), Some(parsed.headers.len()))?;
+    for h in parsed.headers.iter() {
+        let value = http::HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| bad("header value"))?;
+        req.append_header(h.name.to_string(), value)?;
     }
-    let settings = HttpPersistentSettings::for_session(&session.downstream_session);
-    let Session {
-        downstream_session, ..
-    } = session;
-    let stream = downstream_session.finish().await.ok().flatten()?;
-    Some(ReusedHttpStream::from_reusable_stream(stream, settings))
+    Ok(req)
+}
+
+/// Serves one request (its whole head is `head`); the connection back when it may carry
+/// another.
+pub async fn serve(gate: &ErpGate, stream: Stream, head: Bytes) -> Option<Stream> {
+    let req = match request(&head) {
+        Ok(req) => req,
+        Err(_) => return None,
+    };
+    let keepalive =
+        !crate::headers::tokens(&req, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
+    let mut client = Downstream {
+        stream,
+        req,
+        answered: None,
+        keepalive,
+        bytes_out: 0,
+        write_timeout: None,
+    };
+    let mut ctx = gate.new_ctx();
+    let (result, tries) = proxy(gate, &mut client, &mut ctx).await;
+    let failure = result.err();
+    if let Some(e) = &failure {
+        let answered = client.answered.is_some();
+        let code = proxy::answer_failure(&mut client, answered, e, &mut ctx).await;
+        client.keepalive = false;
+        if !matches!(e.etype(), ErrorType::HTTPStatus(c) if *c < 500) {
+            tracing::error!(
+                "Fail to proxy: {e}, status: {code}, tries: {tries}, retry: false, {}",
+                client.summary()
+            );
+        }
+    }
+    let req = &client.req;
+    let line = crate::access::Line {
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        status: client.answered.or(ctx.own_status()).unwrap_or(0),
+        bytes_in: 0,
+        bytes_out: client.bytes_out,
+    };
+    gate.record(
+        &line,
+        || proxy::forwarded_for(req),
+        failure.as_deref(),
+        &ctx,
+    );
+    if client.keepalive {
+        Some(client.stream)
+    } else {
+        let _ = client.stream.shutdown().await;
+        None
+    }
+}
+
+/// The client's side of a request on this path.
+struct Downstream {
+    stream: Stream,
+    req: RequestHeader,
+    /// The status of the answer whose head the client got.
+    answered: Option<u16>,
+    /// The connection may carry another request after this one.
+    keepalive: bool,
+    /// Bytes of answer bodies sent (payload, without chunk framing).
+    bytes_out: usize,
+    /// How long a write to the client may wait (the class's idle time, once known).
+    write_timeout: Option<Duration>,
+}
+
+impl Downstream {
+    /// As Pingora says which request a log line is about.
+    fn summary(&self) -> String {
+        let host = self
+            .req
+            .headers
+            .get(header::HOST)
+            .map_or(&b""[..], |h| h.as_bytes());
+        format!(
+            "{} {}, Host: {}",
+            self.req.method,
+            String::from_utf8_lossy(self.req.raw_path()),
+            String::from_utf8_lossy(host)
+        )
+    }
+
+    /// The head of `resp` in `out`, as this connection sends it: HTTP/1.1, with `Date` and
+    /// `Connection` of its own (as Pingora writes them).
+    fn head_to_wire(&mut self, resp: &mut ResponseHeader, out: &mut BytesMut) -> Result<()> {
+        resp.insert_header(
+            header::DATE,
+            pingora::protocols::http::date::get_cached_date(),
+        )?;
+        let connection = if self.keepalive {
+            "keep-alive"
+        } else {
+            "close"
+        };
+        resp.insert_header(header::CONNECTION, connection)?;
+        out.put_slice(b"HTTP/1.1 ");
+        out.put_slice(resp.status.as_str().as_bytes());
+        out.put_u8(b' ');
+        let reason = resp
+            .get_reason_phrase()
+            .or(resp.status.canonical_reason())
+            .unwrap_or("");
+        out.put_slice(reason.as_bytes());
+        out.put_slice(b"\r\n");
+        resp.header_to_h1_wire(out);
+        out.put_slice(b"\r\n");
+        self.answered = Some(resp.status.as_u16());
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        // Pingora's stream buffers writes: flushed each time.
+        let stream = &mut self.stream;
+        let write = async move {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        let done = match self.write_timeout {
+            Some(t) => tokio::time::timeout(t, write)
+                .await
+                .map_err(|_| Error::explain(ErrorType::WriteTimedout, "writing to the client"))?,
+            None => write.await,
+        };
+        done.map_err(|e| Error::because(ErrorType::WriteError, "writing to the client", e))
+            .map_err(downstream)
+    }
+}
+
+impl Client for Downstream {
+    fn req_header(&self) -> &RequestHeader {
+        &self.req
+    }
+
+    fn peer_ip(&self) -> IpAddr {
+        self.stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+            .map_or(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                crate::forwarded::canonical,
+            )
+    }
+
+    fn tls(&self) -> bool {
+        self.stream.get_ssl_digest().is_some()
+    }
+
+    fn has_client_cert(&self) -> bool {
+        self.stream
+            .get_ssl_digest()
+            .is_some_and(|t| !t.cert_digest.is_empty())
+    }
+
+    fn set_idle_timeout(&mut self, idle: Duration) {
+        self.write_timeout = Some(idle);
+    }
+
+    async fn read_prefix(&mut self) -> Result<Prefix> {
+        // Nothing follows the head on this path.
+        Ok(Prefix {
+            bytes: BytesMut::new(),
+            complete: true,
+        })
+    }
+
+    async fn answer(&mut self, mut resp: ResponseHeader, body: Bytes, close: bool) -> Result<()> {
+        if close {
+            self.keepalive = false;
+        }
+        let mut out = BytesMut::with_capacity(512 + body.len());
+        self.head_to_wire(&mut resp, &mut out)?;
+        if self.req.method != http::Method::HEAD {
+            out.put_slice(&body);
+            self.bytes_out += body.len();
+        }
+        self.write(&out).await
+    }
 }
 
 /// The request through erpgate's policy, then to Odoo (failing over and retrying as
-/// erpgate's hooks say, at most [`MAX_TRIES`] attempts), and Odoo's answer back. Also
-/// says how many attempts were made.
-async fn proxy(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> (Result<()>, usize) {
-    match gate.request_filter(session, ctx).await {
+/// erpgate's rules say, at most [`MAX_TRIES`] attempts), and Odoo's answer back. Also says
+/// how many attempts were made.
+async fn proxy(gate: &ErpGate, client: &mut Downstream, ctx: &mut Ctx) -> (Result<()>, usize) {
+    match gate.admit(client, ctx).await {
         // erpgate answered itself.
         Ok(true) => return (Ok(()), 0),
         Ok(false) => {}
@@ -119,7 +278,7 @@ async fn proxy(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> (Result<
     let mut tries = 0;
     loop {
         tries += 1;
-        let e = match attempt(gate, session, ctx).await {
+        let e = match attempt(client, ctx).await {
             Ok(()) => return (Ok(()), tries),
             Err(e) => e,
         };
@@ -128,50 +287,53 @@ async fn proxy(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> (Result<
         }
         tracing::warn!(
             "Fail to proxy: {e}, tries: {tries}, retry: true, {}",
-            gate.request_summary(session, ctx)
+            client.summary()
         );
     }
 }
 
-/// One attempt: a server, a connection to it (new or kept alive), the exchange. The
-/// error says whether another attempt may follow (erpgate's failure hooks decide).
-async fn attempt(gate: &ErpGate, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-    let peer = gate.upstream_peer(session, ctx).await?;
+/// One attempt: a server, a connection to it (kept alive or new), the exchange. The error
+/// says whether another attempt may follow.
+async fn attempt(client: &mut Downstream, ctx: &mut Ctx) -> Result<()> {
+    let (server, timeouts) = proxy::choose_server(&client.req, ctx)?;
+    let addr = server.socket;
     let mut fresh = false;
     loop {
-        let got = if fresh {
-            CONNECTOR.new_stream(&*peer).await.map(|s| (s, false))
-        } else {
-            CONNECTOR.get_stream(&*peer).await
+        let kept = if fresh { None } else { take(addr) };
+        let reused = kept.is_some();
+        let mut odoo = match kept {
+            Some(conn) => conn,
+            None => match connect(addr, timeouts.connect).await {
+                Ok(conn) => conn,
+                Err(e) => return Err(proxy::connect_error(ctx, e)),
+            },
         };
-        let (stream, reused) = match got {
-            Ok(got) => got,
-            Err(e) => {
-                let mut e = gate.fail_to_connect(session, &peer, ctx, e);
-                e.as_up();
-                return Err(e);
-            }
-        };
-        let mut odoo = OdooSession::new_with_options(stream, &*peer);
-        match exchange(gate, session, &mut odoo, ctx).await {
-            Ok(()) => {
-                odoo.respect_keepalive();
-                if let Some(stream) = odoo.reuse().await {
-                    CONNECTOR.release_stream(stream, peer.reuse_hash(), peer.idle_timeout());
-                }
+        match exchange(client, &mut odoo, ctx, &timeouts).await {
+            Ok(true) => {
+                put(addr, odoo);
                 return Ok(());
             }
-            // Odoo closed this kept-alive connection before any answer (after the pool last
-            // looked at it): the request goes again to the same server on a new connection.
+            Ok(false) => return Ok(()),
+            // Odoo closed this kept-alive connection before any answer (after it was last
+            // used): the request goes again to the same server on a new connection.
             Err(e)
                 if reused
                     && matches!(e.retry, RetryType::ReusedOnly)
-                    && session.response_written().is_none() =>
+                    && client.answered.is_none() =>
             {
                 tracing::debug!("kept-alive connection to Odoo found closed: {e}");
                 fresh = true;
             }
-            Err(e) => return Err(gate.error_while_proxy(&peer, session, e, ctx, reused)),
+            Err(e) => {
+                let sent = Sent {
+                    method: &client.req.method,
+                    answered: client.answered.is_some(),
+                    body_lost: false,
+                    reused,
+                };
+                let e = e.more_context(format!("Peer: {addr}"));
+                return Err(proxy::error_after_send(sent, e, ctx));
+            }
         }
     }
 }
@@ -187,65 +349,432 @@ fn downstream(mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// One request to Odoo on `odoo` (its timeouts the peer's) and its answer to the client.
-async fn exchange(
-    gate: &ErpGate,
-    session: &mut Session,
-    odoo: &mut OdooSession,
-    ctx: &mut Ctx,
-) -> Result<()> {
-    let mut req = session.req_header().clone();
-    req.set_version(http::Version::HTTP_11);
-    crate::headers::strip_hop_by_hop(&mut req, session.req_header());
-    gate.upstream_request_filter(session, &mut req, ctx).await?;
-    odoo.write_request_header(Box::new(req))
-        .await
-        .map_err(upstream)?;
-    let mut resp = loop {
-        odoo.read_response().await.map_err(upstream)?;
-        match odoo.resp_header() {
-            // An interim answer (103 Early Hints): the final one follows.
-            Some(h) if h.status.is_informational() => continue,
-            Some(h) => break h.clone(),
-            None => {
-                return Err(upstream(Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "no response head",
-                )))
-            }
+/// A new connection to an Odoo server, within `limit`.
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream> {
+    let conn = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            let kind = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+                _ => ErrorType::ConnectError,
+            };
+            return Err(upstream(Error::because(
+                kind,
+                format!("connect to {addr}"),
+                e,
+            )));
+        }
+        Err(_) => {
+            return Err(upstream(Error::explain(
+                ErrorType::ConnectTimedout,
+                format!("connect to {addr}"),
+            )))
         }
     };
-    let no_body = session.req_header().method == http::Method::HEAD
-        || matches!(resp.status.as_u16(), 204 | 304);
-    chunk_if_unframed(&mut resp, no_body)?;
-    gate.response_filter(session, &mut resp, ctx).await?;
-    session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .map_err(downstream)?;
-    while let Some(piece) = odoo.read_body_bytes().await.map_err(upstream)? {
-        session
-            .write_response_body(Some(piece), false)
-            .await
-            .map_err(downstream)?;
-    }
-    session
-        .write_response_body(Some(Bytes::new()), true)
-        .await
-        .map_err(downstream)
+    // Small heads both ways: no delay waiting for more to send.
+    let _ = conn.set_nodelay(true);
+    Ok(conn)
 }
 
-/// An answer without `Content-Length` or `Transfer-Encoding` (Odoo's HTTP/1.0 workers, which
-/// end it by closing) goes to the client chunked, so its connection stays open (as Pingora's
-/// proxy does).
-fn chunk_if_unframed(resp: &mut ResponseHeader, no_body: bool) -> Result<()> {
-    let framed = resp.headers.contains_key(http::header::TRANSFER_ENCODING)
-        || resp.headers.contains_key(http::header::CONTENT_LENGTH);
-    if !no_body && !framed {
-        resp.set_version(http::Version::HTTP_11);
-        resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+/// How Odoo's answer body ends (RFC 9112, 6.3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Up to the close of the connection (Odoo's HTTP/1.0 workers).
+    Close,
+}
+
+/// One request to Odoo on `odoo` and its answer to the client. `Ok(true)`: the connection
+/// to Odoo may carry another request.
+async fn exchange(
+    client: &mut Downstream,
+    odoo: &mut TcpStream,
+    ctx: &mut Ctx,
+    t: &Timeouts,
+) -> Result<bool> {
+    let mut up = client.req.clone();
+    up.set_version(http::Version::HTTP_11);
+    crate::headers::strip_hop_by_hop(&mut up, &client.req);
+    let local = || {
+        client
+            .stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+    };
+    proxy::forward_headers(&client.req, local, &mut up, ctx)?;
+    let mut out = BytesMut::with_capacity(1024);
+    out.put_slice(up.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(up.raw_path());
+    out.put_slice(b" HTTP/1.1\r\n");
+    up.header_to_h1_wire(&mut out);
+    out.put_slice(b"\r\n");
+    match tokio::time::timeout(t.read, odoo.write_all(&out)).await {
+        Ok(Ok(())) => {}
+        // A kept-alive connection Odoo had closed: nothing of the request went anywhere.
+        Ok(Err(e)) => {
+            let mut e = Error::because(ErrorType::WriteError, "writing to Odoo", e);
+            e.retry = RetryType::ReusedOnly;
+            return Err(upstream(e));
+        }
+        Err(_) => {
+            return Err(upstream(Error::explain(
+                ErrorType::WriteTimedout,
+                "writing to Odoo",
+            )))
+        }
     }
-    Ok(())
+
+    let mut buf = BytesMut::with_capacity(4096);
+    let (mut resp, framing, keep) = read_answer_head(odoo, &mut buf, t.read, &client.req).await?;
+    if framing == Framing::Close {
+        // Sent on chunked, so the client's connection stays open (as Pingora's proxy does).
+        resp.set_version(http::Version::HTTP_11);
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    proxy::answer_headers(http::Version::HTTP_11, &mut resp, ctx)?;
+    out.clear();
+    client.head_to_wire(&mut resp, &mut out)?;
+    relay_body(client, odoo, buf, out, framing, t.read).await?;
+    Ok(keep)
+}
+
+/// Reads the head of Odoo's answer (past any interim `1xx`) into a [`ResponseHeader`]; with
+/// how its body is framed and whether the connection may be kept. What follows the head is
+/// left in `buf`.
+async fn read_answer_head(
+    odoo: &mut TcpStream,
+    buf: &mut BytesMut,
+    limit: Duration,
+    req: &RequestHeader,
+) -> Result<(ResponseHeader, Framing, bool)> {
+    let bad = |what: &'static str| upstream(Error::explain(ErrorType::InvalidHTTPHeader, what));
+    loop {
+        let read = tokio::time::timeout(limit, odoo.read_buf(buf))
+            .await
+            .map_err(|_| upstream(Error::explain(ErrorType::ReadTimedout, "Odoo's answer")))?;
+        match read {
+            Ok(0) | Err(_) if buf.is_empty() => {
+                // Closed before answering: on a kept-alive connection Odoo closed it while
+                // idle, and the request may go again.
+                let mut e =
+                    Error::explain(ErrorType::ConnectionClosed, "Odoo closed before answering");
+                e.retry = RetryType::ReusedOnly;
+                return Err(upstream(e));
+            }
+            Ok(0) => return Err(bad("Odoo closed in the middle of its answer's head")),
+            Err(e) => {
+                return Err(upstream(Error::because(
+                    ErrorType::ReadError,
+                    "reading Odoo's answer",
+                    e,
+                )))
+            }
+            Ok(_) => {}
+        }
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let len = match parsed.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_HEAD => break,
+                Ok(httparse::Status::Partial) => return Err(bad("answer head too large")),
+                Err(_) => return Err(bad("invalid answer head")),
+            };
+            let code = parsed.code.unwrap_or(0);
+            if (100..200).contains(&code) {
+                // An interim answer (103 Early Hints, 100 Continue): the final one follows.
+                buf.advance(len);
+                continue;
+            }
+            let version = match parsed.version {
+                Some(0) => http::Version::HTTP_10,
+                _ => http::Version::HTTP_11,
+            };
+            let mut resp = ResponseHeader::build(code, Some(parsed.headers.len()))?;
+            resp.set_version(version);
+            if let Some(reason) = parsed.reason.filter(|r| {
+                http::StatusCode::from_u16(code)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    != Some(*r)
+            }) {
+                resp.set_reason_phrase(Some(reason))?;
+            }
+            for h in parsed.headers.iter() {
+                let value =
+                    http::HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+                resp.append_header(h.name.to_string(), value)?;
+            }
+            buf.advance(len);
+            let framing = framing(&resp, req)?;
+            let keep = framing != Framing::Close && keeps_alive(&resp);
+            return Ok((resp, framing, keep));
+        }
+    }
+}
+
+/// How the body of `resp`, Odoo's answer to `req`, is framed.
+fn framing(resp: &ResponseHeader, req: &RequestHeader) -> Result<Framing> {
+    let code = resp.status.as_u16();
+    if req.method == http::Method::HEAD || code == 204 || code == 304 {
+        return Ok(Framing::Empty);
+    }
+    if resp.headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = crate::headers::tokens_of(resp.headers.get_all(header::TRANSFER_ENCODING))
+            .last()
+            .map(<[u8]>::to_ascii_lowercase);
+        return Ok(match last.as_deref() {
+            Some(b"chunked") => Framing::Chunked,
+            _ => Framing::Close,
+        });
+    }
+    let mut lengths = resp.headers.get_all(header::CONTENT_LENGTH).iter();
+    match lengths.next() {
+        None => Ok(Framing::Close),
+        Some(first) => {
+            let parse = |v: &http::HeaderValue| {
+                std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            };
+            let n = parse(first);
+            if n.is_none() || lengths.any(|v| parse(v) != n) {
+                return Err(upstream(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "invalid Content-Length from Odoo",
+                )));
+            }
+            Ok(n.map_or(Framing::Close, Framing::Length))
+        }
+    }
+}
+
+/// Whether Odoo keeps the connection open after this answer.
+fn keeps_alive(resp: &ResponseHeader) -> bool {
+    let mut tokens = crate::headers::tokens_of(resp.headers.get_all(header::CONNECTION));
+    if resp.version == http::Version::HTTP_10 {
+        tokens.any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
+    } else {
+        !tokens.any(|t| t.eq_ignore_ascii_case(b"close"))
+    }
+}
+
+/// Sends `head` and the body after it to the client: the bytes in `buf` first, then what
+/// Odoo sends, until the framing says the body ended.
+async fn relay_body(
+    client: &mut Downstream,
+    odoo: &mut TcpStream,
+    mut buf: BytesMut,
+    mut out: BytesMut,
+    framing: Framing,
+    limit: Duration,
+) -> Result<()> {
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunks = Chunks::default();
+    let mut done = matches!(framing, Framing::Empty | Framing::Length(0));
+    loop {
+        // What `buf` holds of the body, onto `out`.
+        match framing {
+            Framing::Empty => {}
+            Framing::Length(_) => {
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                out.put_slice(&buf[..n]);
+                client.bytes_out += n;
+                left -= n as u64;
+                done = left == 0;
+            }
+            Framing::Chunked => {
+                let (used, ended, payload) = chunks
+                    .feed(&buf)
+                    .map_err(|what| upstream(Error::explain(ErrorType::InvalidHTTPHeader, what)))?;
+                out.put_slice(&buf[..used]);
+                client.bytes_out += payload;
+                done = ended;
+            }
+            Framing::Close if !buf.is_empty() => {
+                out.put_slice(format!("{:x}\r\n", buf.len()).as_bytes());
+                out.put_slice(&buf);
+                out.put_slice(b"\r\n");
+                client.bytes_out += buf.len();
+            }
+            Framing::Close => {}
+        }
+        buf.clear();
+        if !out.is_empty() {
+            client.write(&out).await?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        let read = tokio::time::timeout(limit, odoo.read_buf(&mut buf))
+            .await
+            .map_err(|_| upstream(Error::explain(ErrorType::ReadTimedout, "Odoo's answer")))?
+            .map_err(|e| upstream(Error::because(ErrorType::ReadError, "Odoo's answer", e)))?;
+        if read == 0 {
+            if framing == Framing::Close {
+                client.write(b"0\r\n\r\n").await?;
+                return Ok(());
+            }
+            return Err(upstream(Error::explain(
+                ErrorType::ConnectionClosed,
+                "Odoo closed in the middle of its answer's body",
+            )));
+        }
+    }
+}
+
+/// Where a chunked body (RFC 9112, 7.1) is: its bytes go through unchanged, this finds the
+/// end.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    /// Reading a chunk size (its value so far, whether any digit came).
+    #[default]
+    Size,
+    SizeDigits(u64),
+    /// A chunk extension, up to the end of the line.
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// Trailer fields; `true` at the start of a line.
+    Trailer(bool),
+    TrailerLine,
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    /// Reads `data`: how many of its bytes belong to the body, whether the body ended there,
+    /// and how many of them are payload.
+    fn feed(&mut self, data: &[u8]) -> std::result::Result<(usize, bool, usize), &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        let mut payload = 0;
+        while i < data.len() {
+            if self.state == Done {
+                break;
+            }
+            let b = data[i];
+            if let Data(n) = self.state {
+                let take = usize::try_from(n).unwrap_or(usize::MAX).min(data.len() - i);
+                i += take;
+                payload += take;
+                let rest = n - take as u64;
+                self.state = if rest == 0 { DataCr } else { Data(rest) };
+                continue;
+            }
+            self.state = match (self.state, b) {
+                (Size, _) => SizeDigits(hex(b).ok_or("bad chunk size")?),
+                (SizeDigits(n), _) if hex(b).is_some() => {
+                    if n >> 56 != 0 {
+                        return Err("chunk size too large");
+                    }
+                    SizeDigits(n << 4 | hex(b).unwrap_or(0))
+                }
+                (SizeDigits(n), b';' | b' ' | b'\t') => Extension(n),
+                (SizeDigits(n), b'\r') | (Extension(n), b'\r') => SizeLf(n),
+                (Extension(n), _) => Extension(n),
+                (SizeLf(0), b'\n') => Trailer(true),
+                (SizeLf(n), b'\n') => Data(n),
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (Trailer(true), b'\r') => EndLf,
+                (Trailer(_), b'\n') | (TrailerLine, b'\n') => Trailer(true),
+                (Trailer(_), _) | (TrailerLine, _) => TrailerLine,
+                (EndLf, b'\n') => Done,
+                _ => return Err("bad chunked framing"),
+            };
+            i += 1;
+        }
+        Ok((i, self.state == Done, payload))
+    }
+}
+
+fn hex(b: u8) -> Option<u64> {
+    (b as char).to_digit(16).map(u64::from)
+}
+
+/// Kept-alive connections to Odoo servers, by address, the newest last.
+static POOL: LazyLock<Mutex<HashMap<SocketAddr, Vec<Idle>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Most idle connections kept per Odoo server.
+const POOL_PER_SERVER: usize = 128;
+
+/// An idle connection is closed after this long (Pingora's pool keeps them 60 s too).
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+struct Idle {
+    conn: TcpStream,
+    since: Instant,
+}
+
+/// A kept-alive connection to `addr` that Odoo has not closed, if there is one.
+fn take(addr: SocketAddr) -> Option<TcpStream> {
+    let mut dropped = Vec::new();
+    let found = {
+        let Ok(mut pool) = POOL.lock() else {
+            return None;
+        };
+        let idle = pool.get_mut(&addr)?;
+        loop {
+            let Some(i) = idle.pop() else {
+                break None;
+            };
+            if i.since.elapsed() < POOL_IDLE && open(&i.conn) {
+                break Some(i.conn);
+            }
+            dropped.push(i);
+        }
+    };
+    // Closed outside the lock.
+    drop(dropped);
+    found
+}
+
+/// Back into the pool (the oldest is closed when `addr` has its fill).
+fn put(addr: SocketAddr, conn: TcpStream) {
+    let old = {
+        let Ok(mut pool) = POOL.lock() else {
+            return;
+        };
+        let idle = pool.entry(addr).or_default();
+        let stale = idle
+            .iter()
+            .take_while(|i| i.since.elapsed() >= POOL_IDLE)
+            .count();
+        let mut old: Vec<Idle> = idle.drain(..stale).collect();
+        if idle.len() >= POOL_PER_SERVER {
+            old.push(idle.remove(0));
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        old
+    };
+    drop(old);
+}
+
+/// Whether an idle connection is still open: nothing to read (a closed one reads 0 bytes;
+/// one with bytes Odoo sent unasked cannot be used either). No system call unless the
+/// socket became readable.
+fn open(conn: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(conn.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]
@@ -286,21 +815,118 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_that_ends_by_closing_goes_on_chunked() {
-        let mut r = ResponseHeader::build(200, None).expect("head");
-        r.set_version(http::Version::HTTP_10);
-        chunk_if_unframed(&mut r, false).expect("chunked");
-        assert_eq!(r.version, http::Version::HTTP_11);
-        assert_eq!(
-            r.headers.get("transfer-encoding").map(|v| v.as_bytes()),
-            Some(&b"chunked"[..])
+    fn an_eligible_head_becomes_the_request_the_policy_reads() {
+        let head = Bytes::from_static(
+            b"GET /web/login?db=x HTTP/1.1\r\nHost: erp.example\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
         );
-        let mut r = ResponseHeader::build(304, None).expect("head");
-        chunk_if_unframed(&mut r, true).expect("as is");
-        assert!(!r.headers.contains_key("transfer-encoding"));
-        let mut r = ResponseHeader::build(200, None).expect("head");
-        r.insert_header("content-length", "5").expect("length");
-        chunk_if_unframed(&mut r, false).expect("as is");
-        assert!(!r.headers.contains_key("transfer-encoding"));
+        let req = request(&head).expect("request");
+        assert_eq!(req.method, http::Method::GET);
+        assert_eq!(req.uri.path(), "/web/login");
+        assert_eq!(req.raw_path(), b"/web/login?db=x");
+        assert_eq!(
+            req.headers.get("host").map(|v| v.as_bytes()),
+            Some(&b"erp.example"[..])
+        );
+        assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 2);
+    }
+
+    fn answer(head: &str) -> ResponseHeader {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        parsed.parse(head.as_bytes()).expect("head");
+        let mut resp = ResponseHeader::build(parsed.code.unwrap_or(0), None).expect("build");
+        if parsed.version == Some(0) {
+            resp.set_version(http::Version::HTTP_10);
+        }
+        for h in parsed.headers.iter() {
+            resp.append_header(h.name.to_string(), h.value)
+                .expect("header");
+        }
+        resp
+    }
+
+    #[test]
+    fn odoos_answers_are_framed_as_http_1_1_says() {
+        let get = RequestHeader::build("GET", b"/", None).expect("get");
+        let head = RequestHeader::build("HEAD", b"/", None).expect("head");
+        let f = |h: &str, r: &RequestHeader| framing(&answer(h), r).ok();
+        let length = "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n";
+        assert_eq!(f(length, &get), Some(Framing::Length(12)));
+        assert_eq!(f(length, &head), Some(Framing::Empty));
+        assert_eq!(
+            f(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n",
+                &get
+            ),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+                &get
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", &get),
+            Some(Framing::Close)
+        );
+        assert_eq!(f("HTTP/1.0 200 OK\r\n\r\n", &get), Some(Framing::Close));
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+                &get
+            ),
+            Some(Framing::Length(3))
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                &get
+            ),
+            None
+        );
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", &get),
+            None
+        );
+    }
+
+    #[test]
+    fn kept_alive_as_the_version_and_connection_say() {
+        assert!(keeps_alive(&answer("HTTP/1.1 200 OK\r\n\r\n")));
+        assert!(!keeps_alive(&answer(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+        )));
+        assert!(!keeps_alive(&answer("HTTP/1.0 200 OK\r\n\r\n")));
+        assert!(keeps_alive(&answer(
+            "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n"
+        )));
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_do() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        // Whole, and one byte at a time: the same end.
+        let mut c = Chunks::default();
+        assert_eq!(c.feed(body), Ok((body.len() - 4, true, 21)));
+        let mut c = Chunks::default();
+        let mut payload = 0;
+        for (i, b) in body.iter().enumerate() {
+            let (used, ended, p) = c.feed(std::slice::from_ref(b)).expect("valid");
+            payload += p;
+            if ended {
+                assert_eq!((i, used, payload), (body.len() - 5, 1, 21));
+                break;
+            }
+        }
+        let mut c = Chunks::default();
+        assert_eq!(c.feed(b"0\r\n\r\n"), Ok((5, true, 0)));
+        let mut c = Chunks::default();
+        assert!(c.feed(b"zz\r\n").is_err());
+        let mut c = Chunks::default();
+        assert!(c.feed(b"3\r\nabcX").is_err());
+        let mut c = Chunks::default();
+        assert!(c.feed(b"ffffffffffffffffff\r\n").is_err());
     }
 }

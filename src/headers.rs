@@ -29,8 +29,14 @@ const PROTECTED: [&str; 4] = [
 
 /// The comma-separated tokens of every `name` field, trimmed.
 pub fn tokens(req: &RequestHeader, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    req.headers
-        .get_all(name)
+    tokens_of(req.headers.get_all(name))
+}
+
+/// The comma-separated tokens of these field values, trimmed.
+pub fn tokens_of(
+    values: http::header::GetAll<'_, http::HeaderValue>,
+) -> impl Iterator<Item = &[u8]> {
+    values
         .into_iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii))
 }

@@ -145,10 +145,10 @@ struct Tail {
 const PREFIX_MAX: u64 = 64 * 1024;
 
 /// The start of a request body, read before the class is chosen.
-struct Prefix {
-    bytes: BytesMut,
+pub(crate) struct Prefix {
+    pub(crate) bytes: BytesMut,
     /// The whole body was read.
-    complete: bool,
+    pub(crate) complete: bool,
 }
 
 impl Ctx {
@@ -222,32 +222,74 @@ impl Ctx {
     }
 }
 
-fn peer_ip(session: &Session) -> IpAddr {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| {
-            forwarded::canonical(a.ip())
-        })
+/// The client side of a request as erpgate's policy sees it: Pingora's proxy session, or a
+/// request of erpgate's own loop ([`crate::fast`]).
+pub(crate) trait Client: Send {
+    fn req_header(&self) -> &RequestHeader;
+    /// The address the connection comes from (unspecified when unknown).
+    fn peer_ip(&self) -> IpAddr;
+    /// The connection is TLS on erpgate's listener.
+    fn tls(&self) -> bool;
+    /// The connection presented a client certificate. rustls checked it against
+    /// `[tls] client_ca` during the handshake (a certificate that does not chain to it fails
+    /// the handshake), so presented means verified.
+    fn has_client_cert(&self) -> bool;
+    /// How long the client may stay silent (between body reads, on an upgraded socket).
+    fn set_idle_timeout(&mut self, idle: Duration);
+    /// The start of the request body (see [`read_session_prefix`]).
+    async fn read_prefix(&mut self) -> Result<Prefix>;
+    /// Writes an answer of erpgate's own; `close`: the connection ends after it.
+    async fn answer(&mut self, resp: ResponseHeader, body: Bytes, close: bool) -> Result<()>;
 }
 
-fn head_size(req: &RequestHeader) -> usize {
+impl Client for Session {
+    fn req_header(&self) -> &RequestHeader {
+        self.downstream_session.req_header()
+    }
+
+    fn peer_ip(&self) -> IpAddr {
+        self.client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| {
+                forwarded::canonical(a.ip())
+            })
+    }
+
+    fn tls(&self) -> bool {
+        self.digest().is_some_and(|d| d.ssl_digest.is_some())
+    }
+
+    fn has_client_cert(&self) -> bool {
+        self.digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some_and(|t| !t.cert_digest.is_empty())
+    }
+
+    fn set_idle_timeout(&mut self, idle: Duration) {
+        self.set_read_timeout(Some(idle));
+    }
+
+    async fn read_prefix(&mut self) -> Result<Prefix> {
+        read_session_prefix(self).await
+    }
+
+    async fn answer(&mut self, resp: ResponseHeader, body: Bytes, close: bool) -> Result<()> {
+        if close {
+            self.set_keepalive(None);
+        }
+        self.write_response_header(Box::new(resp), false).await?;
+        self.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn head_size(req: &RequestHeader) -> usize {
     let headers: usize = req
         .headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     req.raw_path().len() + headers
-}
-
-/// Whether the connection presented a client certificate. rustls checked it against
-/// `[tls] client_ca` during the handshake (a certificate that does not chain to it fails the
-/// handshake), so presented means verified.
-fn has_client_cert(session: &Session) -> bool {
-    session
-        .digest()
-        .and_then(|d| d.ssl_digest.as_ref())
-        .is_some_and(|t| !t.cert_digest.is_empty())
 }
 
 /// `https://HOST[:port]/path?query` for a plain-HTTP request, from its `Host` (or absolute
@@ -271,8 +313,8 @@ fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
 }
 
 /// The 503 of a maintenance window: `Retry-After` its end, the operator's page.
-async fn respond_maintenance(
-    session: &mut Session,
+async fn respond_maintenance<C: Client>(
+    session: &mut C,
     ctx: &mut Ctx,
     m: &crate::config::Maintenance,
     end: Option<i64>,
@@ -302,7 +344,7 @@ async fn respond_maintenance(
 }
 
 /// Writes a short plain-text answer of erpgate's own.
-async fn respond(session: &mut Session, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
+async fn respond<C: Client>(session: &mut C, ctx: &mut Ctx, code: u16, close: bool) -> Result<()> {
     respond_with(session, ctx, code, close, &[]).await
 }
 
@@ -337,8 +379,8 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
 }
 
 /// A short plain-text answer of erpgate's own, with more headers.
-async fn respond_with(
-    session: &mut Session,
+async fn respond_with<C: Client>(
+    session: &mut C,
     ctx: &mut Ctx,
     code: u16,
     close: bool,
@@ -349,8 +391,8 @@ async fn respond_with(
 }
 
 /// Writes an answer of erpgate's own (see [`own_response_head`]).
-async fn send_own(
-    session: &mut Session,
+async fn send_own<C: Client>(
+    session: &mut C,
     ctx: &mut Ctx,
     code: u16,
     close: bool,
@@ -358,13 +400,8 @@ async fn send_own(
     extra: &[(&'static str, String)],
 ) -> Result<()> {
     let resp = own_response_head(code, body.len(), &ctx.request_id, extra)?;
-    if close {
-        session.set_keepalive(None);
-    }
     ctx.own_status = Some(code);
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    session.answer(resp, body, close).await
 }
 
 /// A class's `security_headers` on a response from Odoo.
@@ -447,7 +484,7 @@ fn classify_request(
 /// Reads the start of the body: all of it when its Content-Length is at most
 /// [`PREFIX_MAX`], else the first piece that arrives. What is read stays in Pingora's retry
 /// buffer and goes to Odoo unchanged, first.
-async fn read_prefix(session: &mut Session) -> Result<Prefix> {
+async fn read_session_prefix(session: &mut Session) -> Result<Prefix> {
     let mut bytes = BytesMut::new();
     if session.as_mut().is_body_empty() {
         return Ok(Prefix {
@@ -585,41 +622,13 @@ fn check_tail(
     Ok(())
 }
 
-#[async_trait]
-impl ProxyHttp for ErpGate {
-    type CTX = Ctx;
-
-    /// No downstream modules. Pingora's default adds its response compression module at
-    /// level 0 (off), which still builds a context and looks at the headers of every request
-    /// and response; erpgate passes bodies through as Odoo sends them.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
-
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            cfg: self.store.load_full(),
-            started: Instant::now(),
-            class: None,
-            rule: None,
-            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            fwd: None,
-            decision: "allowed",
-            in_flight: None,
-            request_id: String::new(),
-            server: None,
-            tried: Vec::new(),
-            open_on: None,
-            body_bytes: 0,
-            own_status: None,
-            tail: None,
-            https: false,
-            ws_open: false,
-            handed_off: false,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+impl ErpGate {
+    /// The request through the policy of its class (classification, allowlist, client
+    /// certificate, maintenance, body size, rate limit, in-flight cap). `true`: erpgate
+    /// answered it itself (a refusal, a redirect).
+    pub(crate) async fn admit<C: Client>(&self, session: &mut C, ctx: &mut Ctx) -> Result<bool> {
         let cfg = ctx.cfg.clone();
-        let peer = peer_ip(session);
+        let peer = session.peer_ip();
         let req = session.req_header();
         let fwd = forwarded::resolve(
             peer,
@@ -639,7 +648,7 @@ impl ProxyHttp for ErpGate {
         let (mut class, needs) = classify_request(&cfg, req, None);
         let content_length = content_length(req);
         let client = fwd.client;
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let tls = session.tls();
         ctx.https = tls
             || (fwd.peer_trusted
                 && req
@@ -671,7 +680,7 @@ impl ProxyHttp for ErpGate {
         let mut prefix = None;
         let mut scanner = None;
         if needs {
-            let p = read_prefix(session).await?;
+            let p = session.read_prefix().await?;
             let mut sc = Scanner::new();
             sc.feed(&p.bytes);
             let verdict = jsonrpc_verdict(session.req_header(), &sc, p.complete);
@@ -700,7 +709,7 @@ impl ProxyHttp for ErpGate {
             respond(session, ctx, 403, false).await?;
             return Ok(true);
         }
-        if class.require_client_cert && !has_client_cert(session) {
+        if class.require_client_cert && !session.has_client_cert() {
             ctx.decision = "no_client_cert";
             respond(session, ctx, 403, false).await?;
             return Ok(true);
@@ -717,7 +726,7 @@ impl ProxyHttp for ErpGate {
         }
         // An idle client (between body reads, or on an upgraded socket) is cut only after the
         // class's idle timeout, not Pingora's default 60 s.
-        session.set_read_timeout(Some(class.timeouts.idle));
+        session.set_idle_timeout(class.timeouts.idle);
         if let (Some(max), Some(len)) = (class.max_body, content_length) {
             if len > max {
                 ctx.decision = "body_too_large";
@@ -728,7 +737,7 @@ impl ProxyHttp for ErpGate {
         if let Some(limit) = &class.rate_limit {
             let identity = if limit.spec.reads_body(&session.req_header().headers) {
                 if prefix.is_none() {
-                    prefix = Some(read_prefix(session).await?);
+                    prefix = Some(session.read_prefix().await?);
                 }
                 prefix.as_ref().and_then(|p| {
                     let read = scanner.as_ref().or(ctx.tail.as_ref().map(|t| &t.scanner));
@@ -778,6 +787,46 @@ impl ProxyHttp for ErpGate {
                 }
             }
         }
+        Ok(false)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for ErpGate {
+    type CTX = Ctx;
+
+    /// No downstream modules. Pingora's default adds its response compression module at
+    /// level 0 (off), which still builds a context and looks at the headers of every request
+    /// and response; erpgate passes bodies through as Odoo sends them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            cfg: self.store.load_full(),
+            started: Instant::now(),
+            class: None,
+            rule: None,
+            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            fwd: None,
+            decision: "allowed",
+            in_flight: None,
+            request_id: String::new(),
+            server: None,
+            tried: Vec::new(),
+            open_on: None,
+            body_bytes: 0,
+            own_status: None,
+            tail: None,
+            https: false,
+            ws_open: false,
+            handed_off: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.admit(session, ctx).await? {
+            return Ok(true);
+        }
         if crate::tunnel::is_websocket(session) {
             // The WebSocket goes on in erpgate's own relay, with this request's session and
             // state; Pingora's proxy task ends here (it would hold its session and two 64 KiB
@@ -820,11 +869,7 @@ impl ProxyHttp for ErpGate {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let server = ctx.pick_server(session.req_header())?;
-        let Some(class) = ctx.class(&ctx.cfg) else {
-            return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
-        };
-        let t = class.timeouts;
+        let (server, t) = choose_server(session.req_header(), ctx)?;
         let mut peer = HttpPeer::new(server.socket, false, String::new());
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect);
@@ -839,14 +884,9 @@ impl ProxyHttp for ErpGate {
         _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
-        mut e: Box<Error>,
+        e: Box<Error>,
     ) -> Box<Error> {
-        ctx.connect_failed(&e);
-        // Nothing of the request was sent: another server may take it, whatever the method.
-        if ctx.may_try_again() {
-            e.set_retry(true);
-        }
-        e
+        connect_error(ctx, e)
     }
 
     fn error_while_proxy(
@@ -857,26 +897,14 @@ impl ProxyHttp for ErpGate {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        // Bytes of this request reached a server. Only a GET or HEAD may go again, and only
-        // while the client has seen nothing of an answer: where its class says so after any
-        // failure; otherwise only when a kept-alive connection turns out to have been closed
-        // by Odoo before it read anything (Pingora's reused-connection rule). A POST, PUT,
-        // PATCH or DELETE is never sent twice: the client gets 502.
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        let method = &session.req_header().method;
-        let safe = *method == http::Method::GET || *method == http::Method::HEAD;
-        if !safe
-            || session.response_written().is_some()
-            || session.as_ref().retry_buffer_truncated()
-            || !ctx.may_try_again()
-        {
-            e.set_retry(false);
-        } else if ctx.class(&ctx.cfg).is_some_and(|c| c.retry_idempotent) {
-            e.set_retry(true);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        e
+        let e = e.more_context(format!("Peer: {peer}"));
+        let sent = Sent {
+            method: &session.req_header().method,
+            answered: session.response_written().is_some(),
+            body_lost: session.as_ref().retry_buffer_truncated(),
+            reused: client_reused,
+        };
+        error_after_send(sent, e, ctx)
     }
 
     async fn upstream_request_filter(
@@ -885,51 +913,8 @@ impl ProxyHttp for ErpGate {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(fwd) = &ctx.fwd else {
-            return Ok(());
-        };
-        let trusted = fwd.peer_trusted;
-        let req = session.req_header();
-        let proto = if ctx.https { "https" } else { "http" };
-        let fhost = match req.headers.get("x-forwarded-host") {
-            Some(h) if trusted && !h.is_empty() => Some(h.clone()),
-            _ => req.headers.get(header::HOST).cloned().or_else(|| {
-                req.uri
-                    .authority()
-                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-            }),
-        };
-        if !trusted {
-            for h in [
-                "forwarded",
-                "x-forwarded-port",
-                "x-forwarded-server",
-                "x-forwarded-prefix",
-            ] {
-                up.remove_header(h);
-            }
-        }
-        let chain = fwd.chain(
-            req.headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
-        up.insert_header("x-forwarded-for", chain)?;
-        up.insert_header("x-real-ip", fwd.client.to_string())?;
-        up.insert_header("x-forwarded-proto", proto)?;
-        match fhost {
-            Some(h) => up.insert_header("x-forwarded-host", h)?,
-            None => {
-                let local = session
-                    .server_addr()
-                    .and_then(|a| a.as_inet())
-                    .map_or_else(|| "localhost".to_string(), |a| a.to_string());
-                up.insert_header("x-forwarded-host", local)?
-            }
-        }
-        up.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        Ok(())
+        let local = || session.server_addr().and_then(|a| a.as_inet()).copied();
+        forward_headers(session.req_header(), local, up, ctx)
     }
 
     async fn response_filter(
@@ -938,46 +923,13 @@ impl ProxyHttp for ErpGate {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.ws_open {
-            if let Some(m) = crate::metrics::get() {
-                m.websockets.with_label_values(&[ctx.class_name()]).inc();
-                ctx.ws_open = true;
-            }
-        }
-        // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
-        if session.req_header().version == http::Version::HTTP_11
-            && resp.version == http::Version::HTTP_10
-        {
-            resp.set_version(http::Version::HTTP_11);
-        }
-        resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        if let Some(class) = ctx.class(&ctx.cfg) {
-            if let (Some(cookie), Some(server)) = (&ctx.cfg.pools[class.pool].affinity, &ctx.server)
-            {
-                if let Some(pin) = crate::affinity::pin_for(resp, cookie, server.id, ctx.https) {
-                    resp.append_header(header::SET_COOKIE, pin)?;
-                }
-            }
-            let default_hsts = ctx.cfg.tls.as_ref().and_then(|t| t.hsts.as_ref());
-            add_security_headers(resp, &class.security_headers, ctx.https, default_hsts)?;
-        }
-        Ok(())
+        answer_headers(session.req_header().version, resp, ctx)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let (code, why) = status_for(e);
-        if code > 0 && session.response_written().is_none() {
-            let body = Bytes::from(format!("{code} {why}\n"));
-            if ctx.request_id.is_empty() {
-                ctx.request_id = forwarded::new_request_id();
-            }
-            if let Err(err) = send_own(session, ctx, code, true, body, &[]).await {
-                tracing::debug!("could not send error response: {err}");
-            }
-        }
-        ctx.own_status = Some(code);
+        let answered = session.response_written().is_some();
         FailToProxy {
-            error_code: code,
+            error_code: answer_failure(session, answered, e, ctx).await,
             can_reuse_downstream: false,
         }
     }
@@ -1011,6 +963,159 @@ pub(crate) fn forwarded_for(req: &RequestHeader) -> String {
         .filter_map(|v| v.to_str().ok())
         .collect();
     xff.join(", ")
+}
+
+/// The server of the next attempt (see [`Ctx::pick_server`]) and the class's timeouts.
+pub(crate) fn choose_server(
+    req: &RequestHeader,
+    ctx: &mut Ctx,
+) -> Result<(Arc<crate::config::Upstream>, crate::config::Timeouts)> {
+    let server = ctx.pick_server(req)?;
+    let Some(class) = ctx.class(&ctx.cfg) else {
+        return Error::e_explain(ErrorType::HTTPStatus(404), "no class");
+    };
+    Ok((server, class.timeouts))
+}
+
+/// A connection to the chosen server failed: it is marked down, and another server may take
+/// the request (nothing of it was sent, whatever the method) while the pool has one left.
+pub(crate) fn connect_error(ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+    ctx.connect_failed(&e);
+    if ctx.may_try_again() {
+        e.set_retry(true);
+    }
+    e
+}
+
+/// What had happened when an attempt failed after its request went to Odoo.
+pub(crate) struct Sent<'a> {
+    pub method: &'a http::Method,
+    /// The client has the head of an answer.
+    pub answered: bool,
+    /// Part of the request body can no longer be sent again.
+    pub body_lost: bool,
+    /// The connection to Odoo was a kept-alive one.
+    pub reused: bool,
+}
+
+/// Whether a request that failed after bytes of it reached a server may go again. Only a
+/// GET or HEAD may, and only while the client has seen nothing of an answer: where its class
+/// says so after any failure; otherwise only when a kept-alive connection turns out to have
+/// been closed by Odoo before it read anything (Pingora's reused-connection rule). A POST,
+/// PUT, PATCH or DELETE is never sent twice: the client gets 502.
+pub(crate) fn error_after_send(sent: Sent, mut e: Box<Error>, ctx: &Ctx) -> Box<Error> {
+    let safe = *sent.method == http::Method::GET || *sent.method == http::Method::HEAD;
+    if !safe || sent.answered || sent.body_lost || !ctx.may_try_again() {
+        e.set_retry(false);
+    } else if ctx.class(&ctx.cfg).is_some_and(|c| c.retry_idempotent) {
+        e.set_retry(true);
+    } else {
+        e.retry.decide_reuse(sent.reused);
+    }
+    e
+}
+
+/// The forwarded headers and the request id on `up`, the request as it goes to Odoo (`req`:
+/// as the client sent it; `local`: erpgate's address, the host of last resort).
+pub(crate) fn forward_headers(
+    req: &RequestHeader,
+    local: impl FnOnce() -> Option<std::net::SocketAddr>,
+    up: &mut RequestHeader,
+    ctx: &Ctx,
+) -> Result<()> {
+    let Some(fwd) = &ctx.fwd else {
+        return Ok(());
+    };
+    let trusted = fwd.peer_trusted;
+    let proto = if ctx.https { "https" } else { "http" };
+    let fhost = match req.headers.get("x-forwarded-host") {
+        Some(h) if trusted && !h.is_empty() => Some(h.clone()),
+        _ => req.headers.get(header::HOST).cloned().or_else(|| {
+            req.uri
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+        }),
+    };
+    if !trusted {
+        for h in [
+            "forwarded",
+            "x-forwarded-port",
+            "x-forwarded-server",
+            "x-forwarded-prefix",
+        ] {
+            up.remove_header(h);
+        }
+    }
+    let chain = fwd.chain(
+        req.headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+    );
+    up.insert_header("x-forwarded-for", chain)?;
+    up.insert_header("x-real-ip", fwd.client.to_string())?;
+    up.insert_header("x-forwarded-proto", proto)?;
+    match fhost {
+        Some(h) => up.insert_header("x-forwarded-host", h)?,
+        None => {
+            let local = local().map_or_else(|| "localhost".to_string(), |a| a.to_string());
+            up.insert_header("x-forwarded-host", local)?
+        }
+    }
+    up.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    Ok(())
+}
+
+/// Odoo's answer as it goes to the client (`version`: the client's HTTP version): the request
+/// id, the affinity cookie, the class's security headers.
+pub(crate) fn answer_headers(
+    version: http::Version,
+    resp: &mut ResponseHeader,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.ws_open {
+        if let Some(m) = crate::metrics::get() {
+            m.websockets.with_label_values(&[ctx.class_name()]).inc();
+            ctx.ws_open = true;
+        }
+    }
+    // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
+    if version == http::Version::HTTP_11 && resp.version == http::Version::HTTP_10 {
+        resp.set_version(http::Version::HTTP_11);
+    }
+    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    if let Some(class) = ctx.class(&ctx.cfg) {
+        if let (Some(cookie), Some(server)) = (&ctx.cfg.pools[class.pool].affinity, &ctx.server) {
+            if let Some(pin) = crate::affinity::pin_for(resp, cookie, server.id, ctx.https) {
+                resp.append_header(header::SET_COOKIE, pin)?;
+            }
+        }
+        let default_hsts = ctx.cfg.tls.as_ref().and_then(|t| t.hsts.as_ref());
+        add_security_headers(resp, &class.security_headers, ctx.https, default_hsts)?;
+    }
+    Ok(())
+}
+
+/// The error answer for a failed request (unless the client has the head of an answer
+/// already: `answered`); the status, 0 when the client connection is gone.
+pub(crate) async fn answer_failure<C: Client>(
+    session: &mut C,
+    answered: bool,
+    e: &Error,
+    ctx: &mut Ctx,
+) -> u16 {
+    let (code, why) = status_for(e);
+    if code > 0 && !answered {
+        let body = Bytes::from(format!("{code} {why}\n"));
+        if ctx.request_id.is_empty() {
+            ctx.request_id = forwarded::new_request_id();
+        }
+        if let Err(err) = send_own(session, ctx, code, true, body, &[]).await {
+            tracing::debug!("could not send error response: {err}");
+        }
+    }
+    ctx.own_status = Some(code);
+    code
 }
 
 impl ErpGate {
