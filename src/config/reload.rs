@@ -96,7 +96,7 @@ pub fn spawn(
     let dir = watch_dir(&path);
     let events = tx.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|ev| may_change(&ev)) {
             let _ = events.send(());
         }
     })
@@ -143,6 +143,13 @@ pub fn spawn(
             });
         })?;
     Ok(())
+}
+
+/// Whether a file event in the watched directory may have changed the config. Opening and
+/// reading a file changes nothing: erpgate's own read of the config after an event would
+/// otherwise be the next event, and it would read the file again every [`SETTLE`], forever.
+fn may_change(ev: &notify::Event) -> bool {
+    !matches!(ev.kind, notify::EventKind::Access(_))
 }
 
 /// The directory to watch for `path` (its parent; `.` for a bare file name).
@@ -223,4 +230,45 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("[tls] client_ca, or [tls] added or removed");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading the config (as erpgate does after every event) must not be an event that
+    /// makes it read again; writing it must. Events come in order, so the read's would be
+    /// seen before the write's.
+    #[test]
+    fn reading_the_config_is_not_a_change_writing_it_is() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("erpgate.toml");
+        std::fs::write(&file, "a").expect("write");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if may_change(&ev) {
+                    let _ = tx.send(ev.kind);
+                }
+            }
+        })
+        .expect("watcher");
+        watcher
+            .watch(dir.path(), RecursiveMode::NonRecursive)
+            .expect("watch");
+        for _ in 0..3 {
+            std::fs::read(&file).expect("read");
+        }
+        std::fs::write(&file, "b").expect("write");
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an event for the write");
+        assert!(
+            matches!(
+                first,
+                notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+            ),
+            "{first:?}"
+        );
+    }
 }
