@@ -55,6 +55,16 @@ pub fn strip_hop_by_hop(up: &mut RequestHeader, from: &RequestHeader) {
     }
 }
 
+/// Whether the field `name` (lower case) concerns the client's connection only: a standard
+/// one, or one the client's `Connection` (in `from`) names. The same rule as
+/// [`strip_hop_by_hop`].
+pub fn is_hop_by_hop(name: &str, from: &RequestHeader) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || (!PROTECTED.contains(&name)
+            && tokens(from, http::header::CONNECTION)
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes())))
+}
+
 /// The `Set-Cookie` value with `Secure` and `SameSite=Lax` added, when it sets Odoo's
 /// `session_id` cookie and lacks them; `None` when nothing changes. An existing `SameSite`
 /// attribute is kept as Odoo set it.

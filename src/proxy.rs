@@ -914,7 +914,7 @@ impl ProxyHttp for ErpGate {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let local = || session.server_addr().and_then(|a| a.as_inet()).copied();
-        forward_headers(session.req_header(), local, up, ctx)
+        forward_headers(session.req_header(), local, up, ctx).map(|_| ())
     }
 
     async fn response_filter(
@@ -1015,16 +1015,25 @@ pub(crate) fn error_after_send(sent: Sent, mut e: Box<Error>, ctx: &Ctx) -> Box<
     e
 }
 
+/// Forwarding fields a client that is not a trusted proxy may not send on.
+const UNTRUSTED_FORWARDING: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+];
+
 /// The forwarded headers and the request id on `up`, the request as it goes to Odoo (`req`:
-/// as the client sent it; `local`: erpgate's address, the host of last resort).
+/// as the client sent it; `local`: erpgate's address, the host of last resort). Returns the
+/// client's fields it removed (when the client is not a trusted proxy).
 pub(crate) fn forward_headers(
     req: &RequestHeader,
     local: impl FnOnce() -> Option<std::net::SocketAddr>,
     up: &mut RequestHeader,
     ctx: &Ctx,
-) -> Result<()> {
+) -> Result<&'static [&'static str]> {
     let Some(fwd) = &ctx.fwd else {
-        return Ok(());
+        return Ok(&[]);
     };
     let trusted = fwd.peer_trusted;
     let proto = if ctx.https { "https" } else { "http" };
@@ -1036,15 +1045,9 @@ pub(crate) fn forward_headers(
                 .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
         }),
     };
-    if !trusted {
-        for h in [
-            "forwarded",
-            "x-forwarded-port",
-            "x-forwarded-server",
-            "x-forwarded-prefix",
-        ] {
-            up.remove_header(h);
-        }
+    let removed: &'static [&'static str] = if trusted { &[] } else { &UNTRUSTED_FORWARDING };
+    for h in removed {
+        up.remove_header(*h);
     }
     let chain = fwd.chain(
         req.headers
@@ -1063,7 +1066,7 @@ pub(crate) fn forward_headers(
         }
     }
     up.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-    Ok(())
+    Ok(removed)
 }
 
 /// Odoo's answer as it goes to the client (`version`: the client's HTTP version): the request
