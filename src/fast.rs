@@ -43,40 +43,76 @@ const MAX_TRIES: usize = crate::config::MAX_ATTEMPTS_LIMIT;
 /// Largest head of an answer from Odoo.
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
 
-/// Whether `head`, all that a client has sent so far, is one whole request this path serves:
-/// an HTTP/1.1 `GET` or `HEAD` in origin form, nothing after its head, and no body, upgrade
-/// or expectation.
+/// How long each read of a request body may wait (Pingora's own limit for the client).
+const BODY_READ: Duration = Duration::from_secs(60);
+
+/// Largest request body this path takes (a longer one goes to Pingora's proxy, which
+/// streams it): what erpgate reads of a body before choosing its class anyway.
+const MAX_BODY: u64 = crate::proxy::PREFIX_MAX;
+
+/// Whether `head`, all that a client has sent so far, is a request this path serves: a whole
+/// HTTP/1.1 head in origin form, without upgrade or expectation, and a body, if any, of a
+/// `Content-Length` of at most [`MAX_BODY`] (what was sent after the head is its start, not
+/// a second request).
 pub fn eligible(head: &[u8]) -> bool {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+    let len = match req.parse(head) {
+        Ok(httparse::Status::Complete(len)) => len,
         _ => return false,
-    }
-    let simple_method = matches!(req.method, Some("GET" | "HEAD"));
+    };
     let origin_form = req.path.is_some_and(|p| p.starts_with('/'));
-    simple_method
-        && origin_form
-        && req.version == Some(1)
-        && !req.headers.iter().any(|h| {
-            ["content-length", "transfer-encoding", "upgrade", "expect"]
-                .iter()
-                .any(|n| h.name.eq_ignore_ascii_case(n))
-        })
+    if !origin_form || req.version != Some(1) || req.method == Some("CONNECT") {
+        return false;
+    }
+    if req.headers.iter().any(|h| {
+        ["transfer-encoding", "upgrade", "expect"]
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
+    }) {
+        return false;
+    }
+    match body_length(req.headers) {
+        Some(n) => n <= MAX_BODY && (head.len() - len) as u64 <= n,
+        None => false,
+    }
 }
 
-/// The request of an [`eligible`] head.
-fn request(head: &Bytes) -> Result<RequestHeader> {
+/// The length of a request's body: its one `Content-Length` (the same value repeated counts
+/// as one), 0 without; `None` when invalid.
+fn body_length(fields: &[httparse::Header]) -> Option<u64> {
+    let mut length = None;
+    for h in fields
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        let v = std::str::from_utf8(h.value).ok()?;
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n = v.parse::<u64>().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length.unwrap_or(0))
+}
+
+/// The request of an [`eligible`] head (`head`: all the client sent), the length of its
+/// body and the start of the body (what came after the head).
+fn request(head: &Bytes) -> Result<(RequestHeader, u64, Bytes)> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let bad = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
-    match parsed.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
+    let len = match parsed.parse(head) {
+        Ok(httparse::Status::Complete(len)) => len,
         _ => return Err(bad("request head")),
-    }
+    };
     let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
         return Err(bad("request line"));
     };
+    let body_len = body_length(parsed.headers).ok_or_else(|| bad("Content-Length"))?;
     // Without the fields' case (Odoo reads them in any case): half the work of building.
     let mut req =
         RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len()))?;
@@ -85,14 +121,14 @@ fn request(head: &Bytes) -> Result<RequestHeader> {
             .map_err(|_| bad("header value"))?;
         req.append_header(head.slice_ref(h.name.as_bytes()), value)?;
     }
-    Ok(req)
+    Ok((req, body_len, head.slice(len..)))
 }
 
 /// Serves one request (its whole head is `head`); the connection back when it may carry
 /// another.
 pub async fn serve(gate: &ErpGate, stream: Stream, head: Bytes) -> Option<Stream> {
-    let req = match request(&head) {
-        Ok(req) => req,
+    let (req, body_len, body) = match request(&head) {
+        Ok(parts) => parts,
         Err(_) => return None,
     };
     let keepalive =
@@ -102,6 +138,8 @@ pub async fn serve(gate: &ErpGate, stream: Stream, head: Bytes) -> Option<Stream
         req,
         answered: None,
         keepalive,
+        body: BytesMut::from(body),
+        body_len,
         bytes_out: 0,
         write_timeout: None,
     };
@@ -124,7 +162,7 @@ pub async fn serve(gate: &ErpGate, stream: Stream, head: Bytes) -> Option<Stream
         method: req.method.as_str(),
         path: req.uri.path(),
         status: client.answered.or(ctx.own_status()).unwrap_or(0),
-        bytes_in: 0,
+        bytes_in: client.body.len(),
         bytes_out: client.bytes_out,
     };
     gate.record(
@@ -149,6 +187,10 @@ struct Downstream {
     answered: Option<u16>,
     /// The connection may carry another request after this one.
     keepalive: bool,
+    /// The request body, as much of it as was read.
+    body: BytesMut,
+    /// Its length (`Content-Length`).
+    body_len: u64,
     /// Bytes of answer bodies sent (payload, without chunk framing).
     bytes_out: usize,
     /// How long a write to the client may wait (the class's idle time, once known).
@@ -156,6 +198,36 @@ struct Downstream {
 }
 
 impl Downstream {
+    /// Reads the rest of the request body, within [`BODY_READ`] for each read.
+    async fn read_body(&mut self) -> Result<()> {
+        while (self.body.len() as u64) < self.body_len {
+            let want = usize::try_from(self.body_len).unwrap_or(usize::MAX) - self.body.len();
+            self.body.reserve(want);
+            // Never past the body: what follows is the next request's.
+            let mut rest = (&mut self.stream).take(want as u64);
+            let read = fast_timeout(BODY_READ, rest.read_buf(&mut self.body))
+                .await
+                .map_err(|_| {
+                    downstream(Error::explain(
+                        ErrorType::ReadTimedout,
+                        "request body not received in time",
+                    ))
+                })?
+                .map_err(|e| downstream(Error::because(ErrorType::ReadError, "request body", e)))?;
+            if read == 0 {
+                return Err(downstream(Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "the client closed in the middle of its request body",
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn body_read(&self) -> bool {
+        self.body.len() as u64 == self.body_len
+    }
+
     /// As Pingora says which request a log line is about.
     fn summary(&self) -> String {
         let host = self
@@ -304,15 +376,17 @@ impl Client for Downstream {
     }
 
     async fn read_prefix(&mut self) -> Result<Prefix> {
-        // Nothing follows the head on this path.
+        // The whole body: it is at most what Pingora's path reads before choosing the class.
+        self.read_body().await?;
         Ok(Prefix {
-            bytes: BytesMut::new(),
+            bytes: self.body.clone(),
             complete: true,
         })
     }
 
     async fn answer(&mut self, mut resp: ResponseHeader, body: Bytes, close: bool) -> Result<()> {
-        if close {
+        // A body left unread would be read as the next request.
+        if close || !self.body_read() {
             self.keepalive = false;
         }
         let mut out = BytesMut::with_capacity(512 + body.len());
@@ -334,6 +408,10 @@ async fn proxy(gate: &ErpGate, client: &mut Downstream, ctx: &mut Ctx) -> (Resul
         Ok(true) => return (Ok(()), 0),
         Ok(false) => {}
         Err(e) => return (Err(e), 0),
+    }
+    // The whole body before Odoo gets any of it (and it stays for another attempt).
+    if let Err(e) = client.read_body().await {
+        return (Err(e), 0);
     }
     let mut tries = 0;
     loop {
@@ -499,6 +577,7 @@ async fn exchange(
     }
     set.header_to_h1_wire(&mut out);
     out.put_slice(b"\r\n");
+    out.put_slice(&client.body);
     match fast_timeout(t.read, odoo.write_all(&out)).await {
         Ok(Ok(())) => {}
         // A kept-alive connection Odoo had closed: nothing of the request went anywhere.
@@ -901,7 +980,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_whole_bodiless_http11_gets_and_heads_take_this_path() {
+    fn whole_http11_heads_with_short_bodies_take_this_path() {
         let ok = |h: &str| eligible(h.as_bytes());
         assert!(ok("GET /odoo HTTP/1.1\r\nHost: erp\r\n\r\n"));
         assert!(ok(
@@ -912,10 +991,30 @@ mod tests {
         assert!(!ok(
             "GET /a HTTP/1.1\r\nHost: erp\r\n\r\nGET /b HTTP/1.1\r\nHost: erp\r\n\r\n"
         ));
-        assert!(!ok(
-            "POST /web/dataset/call_kw HTTP/1.1\r\nHost: erp\r\nContent-Length: 2\r\n\r\n"
+        // A body of a known length up to what is read before choosing the class anyway:
+        // whole, in part (the rest is read), or not yet.
+        let call = "POST /web/dataset/call_kw HTTP/1.1\r\nHost: erp\r\nContent-Length: 2\r\n\r\n";
+        assert!(ok(call));
+        assert!(ok(&format!("{call}{{")));
+        assert!(ok(&format!("{call}{{}}")));
+        // More than the body: a second request follows, Pingora's proxy serves both.
+        assert!(!ok(&format!("{call}{{}}GET / HTTP/1.1\r\n\r\n")));
+        assert!(ok("GET /odoo HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
+        assert!(ok(
+            "DELETE /odoo HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"
         ));
-        assert!(!ok("GET /odoo HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
+        assert!(ok(&format!(
+            "POST /jsonrpc HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n"
+        )));
+        assert!(!ok(&format!(
+            "POST /jsonrpc HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        )));
+        assert!(!ok(
+            "POST /jsonrpc HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        ));
+        assert!(!ok("POST /jsonrpc HTTP/1.1\r\nContent-Length: +1\r\n\r\n"));
+        assert!(!ok("CONNECT erp:443 HTTP/1.1\r\n\r\n"));
         assert!(!ok(
             "GET /odoo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         ));
@@ -938,7 +1037,8 @@ mod tests {
         let head = Bytes::from_static(
             b"GET /web/login?db=x HTTP/1.1\r\nHost: erp.example\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
         );
-        let req = request(&head).expect("request");
+        let (req, body_len, body) = request(&head).expect("request");
+        assert_eq!((body_len, body.len()), (0, 0));
         assert_eq!(req.method, http::Method::GET);
         assert_eq!(req.uri.path(), "/web/login");
         assert_eq!(req.raw_path(), b"/web/login?db=x");
@@ -947,6 +1047,12 @@ mod tests {
             Some(&b"erp.example"[..])
         );
         assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 2);
+        let head = Bytes::from_static(
+            b"POST /jsonrpc HTTP/1.1\r\nHost: erp\r\nContent-Length: 10\r\n\r\n{\"id\":",
+        );
+        let (req, body_len, body) = request(&head).expect("request");
+        assert_eq!(req.method, http::Method::POST);
+        assert_eq!((body_len, &body[..]), (10, &b"{\"id\":"[..]));
     }
 
     /// `framing` and `keeps_alive` of an answer head.

@@ -142,7 +142,7 @@ struct Tail {
 /// At most this much of a body is read before choosing the class: Pingora keeps up to
 /// 64 KiB of a request body to send it again (its retry buffer), and what erpgate reads
 /// first must stay in it to reach Odoo.
-const PREFIX_MAX: u64 = 64 * 1024;
+pub(crate) const PREFIX_MAX: u64 = 64 * 1024;
 
 /// The start of a request body, read before the class is chosen.
 pub(crate) struct Prefix {

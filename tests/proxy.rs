@@ -542,3 +542,56 @@ fn the_access_log_has_the_fields_and_never_secrets() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+/// A JSON-RPC call whose body comes after its head, in pieces (as a browser may send it),
+/// reaches Odoo whole, and the connection then carries the next request; a client that
+/// closes in the middle of its body sends Odoo nothing.
+#[test]
+fn a_body_sent_after_its_head_reaches_odoo_whole_on_a_connection_that_stays_open() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, ""));
+    let body =
+        br#"{"jsonrpc":"2.0","method":"call","params":{"model":"res.partner","method":"read"}}"#;
+    let head = format!(
+        "POST /web/dataset/call_kw HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut c = Conn::open(gw.http);
+    c.write(head.as_bytes()).expect("head");
+    let (a, b) = body.split_at(20);
+    for piece in [a, b] {
+        std::thread::sleep(Duration::from_millis(50));
+        c.write(piece).expect("piece");
+    }
+    let r = c.try_read_response(false).expect("answer");
+    assert_eq!(r.status, 200);
+    let calls: Vec<Recorded> = fake
+        .wait_for_requests(1, Duration::from_secs(5))
+        .into_iter()
+        .filter(|r| r.path == "/web/dataset/call_kw")
+        .collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].body, body.to_vec());
+    assert_eq!(
+        calls[0].header("content-length"),
+        Some(&*body.len().to_string())
+    );
+    // The same connection carries the next request.
+    let r = c.send(b"GET /odoo HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(r.status, 200);
+
+    let mut cut = Conn::open(gw.http);
+    cut.write(head.as_bytes()).expect("head");
+    cut.write(a).expect("piece");
+    drop(cut);
+    // Its access line: nothing answered, the client's side closed.
+    let line = gw.wait_log_line(&["path=/web/dataset/call_kw", "status=0"]);
+    assert!(line.contains("ConnectionClosed"), "{line}");
+    assert_eq!(get(gw.http, "/odoo").status, 200);
+    let calls = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/web/dataset/call_kw")
+        .count();
+    assert_eq!(calls, 1, "the cut request reached Odoo");
+}
