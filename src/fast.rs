@@ -329,7 +329,7 @@ impl Downstream {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        // Pingora's stream buffers writes: flushed each time.
+        // Flushed each time: a TLS stream holds what it encrypted until then.
         let stream = &mut self.stream;
         let write = async move {
             stream.write_all(bytes).await?;
