@@ -108,6 +108,7 @@ fn main() -> ExitCode {
                 erpgate::server::init_logging(&cfg.log);
                 if !upgrade {
                     if let Err(e) = erpgate::server::check_listeners(&cfg) {
+                        erpgate::server::flush_logs();
                         eprintln!("erpgate: not started: {e}");
                         return ExitCode::from(EXIT_CANNOT_LISTEN);
                     }

@@ -16,12 +16,32 @@ use pingora::services::listening::Service;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-/// Sets up the global tracing subscriber (`RUST_LOG` overrides `[log] level`).
+/// The log writer's thread, kept until erpgate exits ([`flush_logs`]).
+static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Sets up the global tracing subscriber (`RUST_LOG` overrides `[log] level`). Lines go to
+/// stdout from a thread of their own, in batches: a request's thread formats its access line
+/// and goes on, instead of making a `write` of its own (measured: a sixth of the CPU of a
+/// small request). No line is dropped: when the writer falls behind, requests wait for it.
+/// A line is written as soon as the writer is idle.
 pub fn init_logging(log: &LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("erpgate-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
+    if let Ok(mut slot) = LOG_WRITER.lock() {
+        *slot = Some(guard);
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     let res = match log.format {
         LogFormat::Json => builder
             .json()
@@ -35,6 +55,12 @@ pub fn init_logging(log: &LogSettings) {
     if let Err(e) = res {
         eprintln!("erpgate: logging already set up: {e}");
     }
+}
+
+/// Writes out the log lines not written yet and stops the log writer; before erpgate exits.
+pub fn flush_logs() {
+    let guard = LOG_WRITER.lock().ok().and_then(|mut slot| slot.take());
+    drop(guard);
 }
 
 fn server_conf(cfg: &Config) -> ServerConf {
@@ -200,11 +226,14 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
         server.add_service(svc);
     }
     tracing::info!(listen = ?http, https = ?https, admin = ?admin, "erpgate starting");
-    server.run_forever()
+    server.run(pingora::server::RunArgs::default());
+    flush_logs();
+    std::process::exit(0)
 }
 
 fn fail_start(why: &str) -> ! {
     tracing::error!("erpgate: not started: {why}");
+    flush_logs();
     eprintln!("erpgate: not started: {why}");
     std::process::exit(70)
 }

@@ -458,6 +458,12 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
             c
         })
         .collect();
+    // Many requests just before the stop: every access line is written by the time erpgate
+    // has exited (lines go out from a writer thread of their own).
+    let mut busy = Conn::open(gw.http);
+    for _ in 0..200 {
+        assert_eq!(busy.send(KEEP_ALIVE_GET).status, 200);
+    }
     gw.signal("TERM");
     for c in &mut idle {
         let took = c.closed_within(Duration::from_secs(5));
@@ -467,6 +473,13 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
         );
     }
     exits_cleanly(&mut gw);
+    let log = gw.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("erpgate::access") && l.contains("path=/web/login"))
+        .count();
+    assert_eq!(lines, 203, "{log}");
+    assert!(log.contains("All runtimes exited"), "{log}");
 }
 
 #[test]
