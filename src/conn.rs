@@ -29,9 +29,11 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// Capacity of the buffer a request head is parsed in (Pingora's own initial size).
 const HEAD_BUF: usize = 4096;
@@ -136,8 +138,9 @@ impl Connections {
 
 /// Waits for the next request. `Some(Some(byte))`: the first byte of its head (read from a
 /// TLS stream, where bytes come out of the decrypted buffer); `Some(None)` on a plain TCP
-/// stream, which has no read buffer: it waits only until the socket is readable and the head
-/// is then read straight into Pingora's buffer, in one `recv`. `None`: the client closed, the
+/// stream, which has no read buffer: it waits only until the socket is readable
+/// ([`Readable`]) and the head is then read straight into the request's buffer, in one
+/// `recv`. `None`: the client closed, the
 /// connection broke, or it stayed idle for `idle`. On shutdown an idle keep-alive connection
 /// is closed at once (bytes already there are still read first), but a new connection is
 /// waited for: it was accepted before the listeners closed, and its first request is on its
@@ -148,17 +151,26 @@ async fn next_request(
     stop: &mut ShutdownWatch,
     fresh: bool,
 ) -> Option<Option<u8>> {
-    let plain = stream.as_any().is::<L4Stream>();
+    if stream.as_any().is::<L4Stream>() {
+        let arrived = wait(Readable::new(stream), idle, stop, fresh).await;
+        return arrived.then_some(None);
+    }
     let mut byte = [0u8; 1];
-    // An empty read of a tokio socket waits for readiness and then reads nothing; it does
-    // not clear the readiness, so Pingora's read that follows goes straight to the data.
-    let want = if plain { &mut byte[..0] } else { &mut byte[..] };
-    let read = tokio::time::timeout(idle, stream.read(want));
-    let got = |r: Result<std::io::Result<usize>, _>| match r {
-        Ok(Ok(n)) => plain || n == 1,
-        _ => false,
-    };
-    let arrived = if fresh {
+    let arrived = wait(stream.read(&mut byte), idle, stop, fresh).await;
+    arrived.then_some(Some(byte[0]))
+}
+
+/// Whether `read` got something within `idle` (and, unless the connection is `fresh`,
+/// before erpgate began to stop).
+async fn wait(
+    read: impl Future<Output = std::io::Result<usize>>,
+    idle: Duration,
+    stop: &mut ShutdownWatch,
+    fresh: bool,
+) -> bool {
+    let read = tokio::time::timeout(idle, read);
+    let got = |r: Result<std::io::Result<usize>, _>| matches!(r, Ok(Ok(_)));
+    if fresh {
         got(read.await)
     } else {
         tokio::select! {
@@ -166,8 +178,76 @@ async fn next_request(
             r = read => got(r),
             _ = stop.wait_for(|stopping| *stopping) => false,
         }
-    };
-    arrived.then_some((!plain).then_some(byte[0]))
+    }
+}
+
+/// Waits until a plain socket is readable, reading nothing. The wait is an empty read, polled
+/// once; the socket's readiness then wakes the task through [`Woken`], and that ends the
+/// wait. Polling the empty read again would `recv` nothing: a system call per request.
+struct Readable<'a> {
+    stream: &'a mut Stream,
+    woken: Option<Arc<Woken>>,
+}
+
+impl<'a> Readable<'a> {
+    fn new(stream: &'a mut Stream) -> Self {
+        Readable {
+            stream,
+            woken: None,
+        }
+    }
+}
+
+/// The waker the socket's readiness calls: notes it, and wakes the connection's task.
+struct Woken {
+    ready: AtomicBool,
+    task: std::sync::Mutex<Waker>,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        if let Ok(task) = self.task.lock() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl Future for Readable<'_> {
+    type Output = std::io::Result<usize>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(woken) = &self.woken {
+            if woken.ready.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(0));
+            }
+            // Polled for something else (the idle timer, the stop): still waiting.
+            if let Ok(mut task) = woken.task.lock() {
+                if !task.will_wake(cx.waker()) {
+                    *task = cx.waker().clone();
+                }
+            }
+            return Poll::Pending;
+        }
+        let woken = Arc::new(Woken {
+            ready: AtomicBool::new(false),
+            task: std::sync::Mutex::new(cx.waker().clone()),
+        });
+        let waker = Waker::from(woken.clone());
+        let mut empty = [0u8; 0];
+        let mut buf = ReadBuf::new(&mut empty);
+        match Pin::new(&mut *self.stream).poll_read(&mut Context::from_waker(&waker), &mut buf) {
+            Poll::Ready(r) => Poll::Ready(r.map(|()| 0)),
+            Poll::Pending => {
+                self.woken = Some(woken);
+                Poll::Pending
+            }
+        }
+    }
 }
 
 /// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).

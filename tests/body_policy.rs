@@ -344,7 +344,8 @@ fn integration_clients_on_one_ip_have_their_own_limits() {
     let seen = fake.wait_for_requests(7, Duration::from_secs(10));
     assert!(seen.iter().any(|r| r.body == xmlrpc_call("erp", 7, "pw-a")));
     assert!(seen.iter().any(|r| r.body == json9));
-    // Neither keys nor passwords are in the logs.
+    // Neither keys nor passwords are in the logs (once the last request's line is written).
+    gw.wait_log_line(&[&format!("bytes_in={}", json9.len()), "status=200"]);
     let log = gw.log();
     for secret in ["key-one", "key-two", "pw-a", "pw-b"] {
         assert!(!log.contains(secret), "{secret} in the log");
