@@ -31,6 +31,9 @@ pub fn init_logging(log: &LogSettings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The queue is allocated whole at start: tracing-appender's 128,000 lines cost
+        // 3.6 MiB of RSS at idle; 4,096 lines are about a tenth of a second of requests here.
+        .buffered_lines_limit(4096)
         .thread_name("erpgate-log")
         .finish(std::io::BufWriter::with_capacity(
             64 * 1024,
