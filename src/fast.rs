@@ -256,15 +256,7 @@ impl Downstream {
             "close"
         };
         resp.insert_header(header::CONNECTION, connection)?;
-        out.put_slice(b"HTTP/1.1 ");
-        out.put_slice(resp.status.as_str().as_bytes());
-        out.put_u8(b' ');
-        let reason = resp
-            .get_reason_phrase()
-            .or(resp.status.canonical_reason())
-            .unwrap_or("");
-        out.put_slice(reason.as_bytes());
-        out.put_slice(b"\r\n");
+        self.status_line(resp, out);
         resp.header_to_h1_wire(out);
         out.put_slice(b"\r\n");
         self.answered = Some(resp.status.as_u16());

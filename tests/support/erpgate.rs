@@ -172,6 +172,11 @@ impl Erpgate {
     pub fn reload_with(&self, body: &str) {
         let before = self.reloads();
         self.write_config(body);
+        self.wait_reloads_above(before);
+    }
+
+    /// Waits (10 s at most) until erpgate has logged more than `before` reloads.
+    pub fn wait_reloads_above(&self, before: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.reloads() == before {
             if Instant::now() > deadline {
