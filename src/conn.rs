@@ -8,9 +8,10 @@
 //! connection open; here each HTTP/1 connection gets a small task of its own, which waits for
 //! the next request holding only the socket (a plain socket until it is readable, reading
 //! nothing; a TLS stream for its first decrypted byte, which goes in front of the request
-//! head). Then it reads what the client sent, without waiting for more: a whole request
-//! without a body is served by erpgate's own loop ([`crate::fast`]); anything else goes to
-//! Pingora's proxy, which parses the same bytes first. An idle connection is closed after
+//! head). Then it reads what the client sent, without waiting for more: a whole head with at
+//! most a short body after it is served by erpgate's own loop ([`crate::fast`], which reads
+//! the rest of the body); anything else goes to Pingora's proxy, which parses the same bytes
+//! first. An idle connection is closed after
 //! `[server] keepalive_timeout`; on shutdown an idle keep-alive connection is closed at once,
 //! while a new one still gets its first request answered. HTTP/2 connections (TLS with ALPN
 //! h2) take Pingora's own path.

@@ -1,20 +1,22 @@
-//! Requests without a body (`GET` and `HEAD`, most of what an Odoo page load asks),
-//! proxied by erpgate's own HTTP/1 loop instead of Pingora's proxy task.
+//! Most requests (a page load's `GET`s and `HEAD`s, and Odoo's JSON-RPC calls, `POST`s of a
+//! few hundred bytes), proxied by erpgate's own HTTP/1 loop instead of Pingora's proxy task.
 //!
 //! Pingora's proxy runs every request through its whole machinery: a boxed proxy future with
 //! its phases, cache and module checks, request and response pumps exchanging tasks over
 //! channels, a session object on each side, and a pool of Odoo connections that asks the
 //! kernel for the peer address of each connection it hands out. Measured here, that machinery
-//! costs more CPU per request than nginx spends on the whole request. For a request without
-//! a body erpgate does the same steps itself, on the bytes: the request head as the client
-//! sent it (parsed once, into the same [`RequestHeader`] erpgate's policy reads), the policy
-//! and headers of [`crate::proxy`] (`admit`, the server choice, `forward_headers`,
+//! costs more CPU per request than nginx spends on the whole request. For a request whose
+//! whole head came in the first read, without upgrade or `Expect`, with no body or one of a
+//! known length up to 64 KiB ([`MAX_BODY`]), erpgate does the same steps itself, on the bytes: the
+//! request head as the client sent it (parsed once, into the same [`RequestHeader`]
+//! erpgate's policy reads), the body read whole before Odoo gets any of it, the policy and
+//! headers of [`crate::proxy`] (`admit`, the server choice, `forward_headers`,
 //! `answer_headers`, the failure and retry rules, the access log, audit and metrics: the
 //! code every other request goes through), Odoo's answer framed as HTTP/1.1 says
 //! (`Content-Length`, chunked, or up to the close, which goes to the client chunked so its
 //! connection stays open), and a pool of kept-alive connections to Odoo. Anything else (a
-//! body, an upgrade, `Expect`, HTTP/1.0, absolute URIs, a head not whole in the first read,
-//! pipelined requests) goes to Pingora's proxy as before.
+//! longer or chunked body, an upgrade, `Expect`, HTTP/1.0, absolute URIs, a head not whole in
+//! the first read, pipelined requests) goes to Pingora's proxy as before.
 
 use crate::config::Timeouts;
 use crate::proxy::{self, Client, Ctx, ErpGate, Prefix, Sent};
@@ -48,7 +50,7 @@ const BODY_READ: Duration = Duration::from_secs(60);
 
 /// Largest request body this path takes (a longer one goes to Pingora's proxy, which
 /// streams it): what erpgate reads of a body before choosing its class anyway.
-const MAX_BODY: u64 = crate::proxy::PREFIX_MAX;
+pub const MAX_BODY: u64 = crate::proxy::PREFIX_MAX;
 
 /// Whether `head`, all that a client has sent so far, is a request this path serves: a whole
 /// HTTP/1.1 head in origin form, without upgrade or expectation, and a body, if any, of a
