@@ -84,15 +84,20 @@ impl Connections {
             }
             // Boxed, either way: the connection's task keeps no room for a request while it
             // waits.
-            if crate::fast::eligible(&head) {
+            let head = head.freeze();
+            if let Some(request) = crate::fast::request(&head) {
                 let serving: Pin<Box<dyn Future<Output = Option<Stream>> + Send + '_>> =
-                    Box::pin(crate::fast::serve(&self.gate, stream, head.freeze()));
+                    Box::pin(crate::fast::serve(&self.gate, stream, request));
                 match serving.await {
                     Some(next) => stream = next,
                     None => return,
                 }
                 continue;
             }
+            // Nothing holds a part of it any more: the same buffer, not a copy.
+            let head = head
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             let session = self.session(stream, carried.take(), head, idle);
             let serving: Serving<'_> = Box::pin(self.proxy.process_new_http(session, &shutdown));
             let Some(reused) = serving.await else {

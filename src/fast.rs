@@ -52,32 +52,56 @@ const BODY_READ: Duration = Duration::from_secs(60);
 /// streams it): what erpgate reads of a body before choosing its class anyway.
 pub const MAX_BODY: u64 = crate::proxy::PREFIX_MAX;
 
-/// Whether `head`, all that a client has sent so far, is a request this path serves: a whole
-/// HTTP/1.1 head in origin form, without upgrade or expectation, and a body, if any, of a
-/// `Content-Length` of at most [`MAX_BODY`] (what was sent after the head is its start, not
-/// a second request).
-pub fn eligible(head: &[u8]) -> bool {
+/// A request this path serves, as the client sent it.
+pub struct Request {
+    req: RequestHeader,
+    /// The length of its body (`Content-Length`, 0 without).
+    body_len: u64,
+    /// The start of the body: what came after the head.
+    body: Bytes,
+}
+
+/// The request in `head`, all that a client has sent so far, when it is one this path
+/// serves: a whole HTTP/1.1 head in origin form, without upgrade or expectation, and a body,
+/// if any, of a `Content-Length` of at most [`MAX_BODY`] (what was sent after the head is
+/// its start, not a second request). `None` for anything else: Pingora's proxy serves it.
+pub fn request(head: &Bytes) -> Option<Request> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(head) {
+    let mut parsed = httparse::Request::new(&mut fields);
+    let len = match parsed.parse(head) {
         Ok(httparse::Status::Complete(len)) => len,
-        _ => return false,
+        _ => return None,
     };
-    let origin_form = req.path.is_some_and(|p| p.starts_with('/'));
-    if !origin_form || req.version != Some(1) || req.method == Some("CONNECT") {
-        return false;
+    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+        return None;
+    };
+    if !path.starts_with('/') || parsed.version != Some(1) || method == "CONNECT" {
+        return None;
     }
-    if req.headers.iter().any(|h| {
+    if parsed.headers.iter().any(|h| {
         ["transfer-encoding", "upgrade", "expect"]
             .iter()
             .any(|n| h.name.eq_ignore_ascii_case(n))
     }) {
-        return false;
+        return None;
     }
-    match body_length(req.headers) {
-        Some(n) => n <= MAX_BODY && (head.len() - len) as u64 <= n,
-        None => false,
+    let body_len = body_length(parsed.headers)?;
+    if body_len > MAX_BODY || (head.len() - len) as u64 > body_len {
+        return None;
     }
+    // Without the fields' case (Odoo reads them in any case): half the work of building.
+    let mut req =
+        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len())).ok()?;
+    for h in parsed.headers.iter() {
+        let value = http::HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;
+        req.append_header(head.slice_ref(h.name.as_bytes()), value)
+            .ok()?;
+    }
+    Some(Request {
+        req,
+        body_len,
+        body: head.slice(len..),
+    })
 }
 
 /// The length of a request's body: its one `Content-Length` (the same value repeated counts
@@ -101,38 +125,13 @@ fn body_length(fields: &[httparse::Header]) -> Option<u64> {
     Some(length.unwrap_or(0))
 }
 
-/// The request of an [`eligible`] head (`head`: all the client sent), the length of its
-/// body and the start of the body (what came after the head).
-fn request(head: &Bytes) -> Result<(RequestHeader, u64, Bytes)> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let bad = |what: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, what);
-    let len = match parsed.parse(head) {
-        Ok(httparse::Status::Complete(len)) => len,
-        _ => return Err(bad("request head")),
-    };
-    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
-        return Err(bad("request line"));
-    };
-    let body_len = body_length(parsed.headers).ok_or_else(|| bad("Content-Length"))?;
-    // Without the fields' case (Odoo reads them in any case): half the work of building.
-    let mut req =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len()))?;
-    for h in parsed.headers.iter() {
-        let value = http::HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| bad("header value"))?;
-        req.append_header(head.slice_ref(h.name.as_bytes()), value)?;
-    }
-    Ok((req, body_len, head.slice(len..)))
-}
-
-/// Serves one request (its whole head is `head`); the connection back when it may carry
-/// another.
-pub async fn serve(gate: &ErpGate, stream: Stream, head: Bytes) -> Option<Stream> {
-    let (req, body_len, body) = match request(&head) {
-        Ok(parts) => parts,
-        Err(_) => return None,
-    };
+/// Serves one request; the connection back when it may carry another.
+pub async fn serve(gate: &ErpGate, stream: Stream, request: Request) -> Option<Stream> {
+    let Request {
+        req,
+        body_len,
+        body,
+    } = request;
     let keepalive =
         !crate::headers::tokens(&req, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
     let mut client = Downstream {
@@ -245,54 +244,9 @@ impl Downstream {
         )
     }
 
-    /// The head of `resp` in `out`, as this connection sends it: HTTP/1.1, with `Date` and
-    /// `Connection` of its own (as Pingora writes them).
-    fn head_to_wire(&mut self, resp: &mut ResponseHeader, out: &mut BytesMut) -> Result<()> {
-        resp.insert_header(
-            header::DATE,
-            pingora::protocols::http::date::get_cached_date(),
-        )?;
-        let connection = if self.keepalive {
-            "keep-alive"
-        } else {
-            "close"
-        };
-        resp.insert_header(header::CONNECTION, connection)?;
-        self.status_line(resp, out);
-        resp.header_to_h1_wire(out);
-        out.put_slice(b"\r\n");
-        self.answered = Some(resp.status.as_u16());
-        Ok(())
-    }
-
-    /// The head of Odoo's answer in `out`, as this connection sends it: HTTP/1.1, Odoo's
-    /// fields as they came except those erpgate sets, then `Date` and `Connection` of its own
-    /// (as Pingora writes them) and erpgate's fields.
-    fn answer_to_wire(&mut self, answer: &Answer, out: &mut BytesMut) -> Result<()> {
-        let resp = &answer.resp;
-        self.status_line(resp, out);
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        if parsed.parse(&answer.head).is_err() {
-            return Err(upstream(Error::explain(
-                ErrorType::InvalidHTTPHeader,
-                "invalid answer head",
-            )));
-        }
-        let rechunked = answer.framing == Framing::Close;
-        for h in parsed.headers.iter() {
-            let ours = ["set-cookie", "date", "connection"]
-                .iter()
-                .any(|n| h.name.eq_ignore_ascii_case(n))
-                || (rechunked && h.name.eq_ignore_ascii_case("transfer-encoding"))
-                || resp
-                    .headers
-                    .keys()
-                    .any(|k| h.name.eq_ignore_ascii_case(k.as_str()));
-            if !ours {
-                put_field(out, h.name.as_bytes(), h.value);
-            }
-        }
+    /// The end of an answer's head, after its status line (and Odoo's fields): `Date` and
+    /// `Connection` of this connection's own (as Pingora writes them), then `resp`'s fields.
+    fn end_head(&mut self, resp: &ResponseHeader, out: &mut BytesMut) {
         put_field(
             out,
             b"Date",
@@ -307,7 +261,6 @@ impl Downstream {
         resp.header_to_h1_wire(out);
         out.put_slice(b"\r\n");
         self.answered = Some(resp.status.as_u16());
-        Ok(())
     }
 
     fn status_line(&self, resp: &ResponseHeader, out: &mut BytesMut) {
@@ -378,13 +331,14 @@ impl Client for Downstream {
         })
     }
 
-    async fn answer(&mut self, mut resp: ResponseHeader, body: Bytes, close: bool) -> Result<()> {
+    async fn answer(&mut self, resp: ResponseHeader, body: Bytes, close: bool) -> Result<()> {
         // A body left unread would be read as the next request.
         if close || !self.body_read() {
             self.keepalive = false;
         }
         let mut out = BytesMut::with_capacity(512 + body.len());
-        self.head_to_wire(&mut resp, &mut out)?;
+        self.status_line(&resp, &mut out);
+        self.end_head(&resp, &mut out);
         if self.req.method != http::Method::HEAD {
             out.put_slice(&body);
             self.bytes_out += body.len();
@@ -481,8 +435,8 @@ fn downstream(mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// A new connection to an Odoo server, within `limit`.
-async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream> {
+/// A new connection to an Odoo server, within `limit` (the WebSocket relay's too).
+pub(crate) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream> {
     let conn = match fast_timeout(limit, TcpStream::connect(addr)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -520,19 +474,6 @@ enum Framing {
     /// Up to the close, with a transfer coding other than chunked: sent on as it is, and the
     /// client's connection closes after it.
     CloseCoded,
-}
-
-/// Odoo's answer head.
-struct Answer {
-    /// The head as Odoo sent it (its fields go on to the client as they are, in their case,
-    /// except those erpgate sets).
-    head: Bytes,
-    /// Status, version and reason, Odoo's `Set-Cookie` fields, then what erpgate adds and
-    /// sets ([`proxy::answer_headers`]): fields of the same name in `head` are not sent.
-    resp: ResponseHeader,
-    framing: Framing,
-    /// The connection to Odoo may carry another request after this answer.
-    keep: bool,
 }
 
 /// One request to Odoo on `odoo` and its answer to the client. `Ok(true)`: the connection
@@ -589,19 +530,10 @@ async fn exchange(
     }
 
     let mut buf = BytesMut::with_capacity(4096);
-    let mut answer = read_answer_head(odoo, &mut buf, t.read, &client.req).await?;
-    match answer.framing {
-        Framing::Close => answer
-            .resp
-            .insert_header(header::TRANSFER_ENCODING, "chunked")?,
-        Framing::CloseCoded => client.keepalive = false,
-        _ => {}
-    }
-    proxy::answer_headers(http::Version::HTTP_11, &mut answer.resp, ctx)?;
     out.clear();
-    client.answer_to_wire(&answer, &mut out)?;
-    relay_body(client, odoo, buf, out, answer.framing, t.read).await?;
-    Ok(answer.keep)
+    let (framing, keep) = read_answer_head(odoo, &mut buf, t.read, client, ctx, &mut out).await?;
+    relay_body(client, odoo, buf, out, framing, t.read).await?;
+    Ok(keep)
 }
 
 /// `name: value` and its line end.
@@ -612,14 +544,20 @@ fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-/// Reads the head of Odoo's answer, past any interim `1xx`. What follows the head is left
-/// in `buf`.
+/// Reads the head of Odoo's answer, past any interim `1xx`, and puts the head the client gets
+/// in `out`: HTTP/1.1, Odoo's fields as they came (in their case) except those erpgate sets
+/// ([`proxy::answer_headers`], the framing's, `Date` and `Connection`), then erpgate's. What
+/// follows the head is left in `buf`. Returns how the body is framed and whether the
+/// connection to Odoo may carry another request.
 async fn read_answer_head(
     odoo: &mut TcpStream,
     buf: &mut BytesMut,
     limit: Duration,
-    req: &RequestHeader,
-) -> Result<Answer> {
+    client: &mut Downstream,
+    ctx: &mut Ctx,
+    out: &mut BytesMut,
+) -> Result<(Framing, bool)> {
+    let head_request = client.req.method == http::Method::HEAD;
     let bad = |what: &'static str| upstream(Error::explain(ErrorType::InvalidHTTPHeader, what));
     loop {
         let read = fast_timeout(limit, odoo.read_buf(buf))
@@ -659,7 +597,6 @@ async fn read_answer_head(
                 buf.advance(len);
                 continue;
             }
-            let head_request = req.method == http::Method::HEAD;
             let framing = framing(code, head_request, parsed.headers)?;
             let keep = !matches!(framing, Framing::Close | Framing::CloseCoded)
                 && keeps_alive(parsed.version, parsed.headers);
@@ -680,13 +617,31 @@ async fn read_answer_head(
                     resp.append_header(h.name.to_string(), value)?;
                 }
             }
-            let head = buf.split_to(len).freeze();
-            return Ok(Answer {
-                head,
-                resp,
-                framing,
-                keep,
-            });
+            match framing {
+                // Sent on chunked, so the client's connection stays open.
+                Framing::Close => resp.insert_header(header::TRANSFER_ENCODING, "chunked")?,
+                Framing::CloseCoded => client.keepalive = false,
+                _ => {}
+            }
+            proxy::answer_headers(http::Version::HTTP_11, &mut resp, ctx)?;
+            client.status_line(&resp, out);
+            let rechunked = framing == Framing::Close;
+            for h in parsed.headers.iter() {
+                let ours = ["set-cookie", "date", "connection"]
+                    .iter()
+                    .any(|n| h.name.eq_ignore_ascii_case(n))
+                    || (rechunked && h.name.eq_ignore_ascii_case("transfer-encoding"))
+                    || resp
+                        .headers
+                        .keys()
+                        .any(|k| h.name.eq_ignore_ascii_case(k.as_str()));
+                if !ours {
+                    put_field(out, h.name.as_bytes(), h.value);
+                }
+            }
+            client.end_head(&resp, out);
+            buf.advance(len);
+            return Ok((framing, keep));
         }
     }
 }
@@ -975,7 +930,7 @@ mod tests {
 
     #[test]
     fn whole_http11_heads_with_short_bodies_take_this_path() {
-        let ok = |h: &str| eligible(h.as_bytes());
+        let ok = |h: &str| request(&Bytes::copy_from_slice(h.as_bytes())).is_some();
         assert!(ok("GET /odoo HTTP/1.1\r\nHost: erp\r\n\r\n"));
         assert!(ok(
             "HEAD /web/login HTTP/1.1\r\nHost: erp\r\nCookie: a=b\r\n\r\n"
@@ -1031,8 +986,9 @@ mod tests {
         let head = Bytes::from_static(
             b"GET /web/login?db=x HTTP/1.1\r\nHost: erp.example\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
         );
-        let (req, body_len, body) = request(&head).expect("request");
-        assert_eq!((body_len, body.len()), (0, 0));
+        let r = request(&head).expect("request");
+        assert_eq!((r.body_len, r.body.len()), (0, 0));
+        let req = r.req;
         assert_eq!(req.method, http::Method::GET);
         assert_eq!(req.uri.path(), "/web/login");
         assert_eq!(req.raw_path(), b"/web/login?db=x");
@@ -1044,9 +1000,9 @@ mod tests {
         let head = Bytes::from_static(
             b"POST /jsonrpc HTTP/1.1\r\nHost: erp\r\nContent-Length: 10\r\n\r\n{\"id\":",
         );
-        let (req, body_len, body) = request(&head).expect("request");
-        assert_eq!(req.method, http::Method::POST);
-        assert_eq!((body_len, &body[..]), (10, &b"{\"id\":"[..]));
+        let r = request(&head).expect("request");
+        assert_eq!(r.req.method, http::Method::POST);
+        assert_eq!((r.body_len, &r.body[..]), (10, &b"{\"id\":"[..]));
     }
 
     /// `framing` and `keeps_alive` of an answer head.

@@ -45,19 +45,19 @@ pub fn tokens_of(
 /// connection only: the standard ones and those `from` (the client's request) names in its
 /// `Connection`.
 pub fn strip_hop_by_hop(up: &mut RequestHeader, from: &RequestHeader) {
-    let named: Vec<String> = tokens(from, http::header::CONNECTION)
-        .filter_map(|t| std::str::from_utf8(t).ok())
-        .map(str::to_ascii_lowercase)
-        .filter(|t| !t.is_empty() && !PROTECTED.contains(&t.as_str()))
+    let hop: Vec<HeaderName> = up
+        .headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name.as_str(), from))
+        .cloned()
         .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    for name in &hop {
         up.remove_header(name);
     }
 }
 
 /// Whether the field `name` (lower case) concerns the client's connection only: a standard
-/// one, or one the client's `Connection` (in `from`) names. The same rule as
-/// [`strip_hop_by_hop`].
+/// one, or one the client's `Connection` (in `from`) names, unless it is protected.
 pub fn is_hop_by_hop(name: &str, from: &RequestHeader) -> bool {
     HOP_BY_HOP.contains(&name)
         || (!PROTECTED.contains(&name)

@@ -283,7 +283,7 @@ impl Client for Session {
     }
 }
 
-pub(crate) fn head_size(req: &RequestHeader) -> usize {
+fn head_size(req: &RequestHeader) -> usize {
     let headers: usize = req
         .headers
         .iter()

@@ -233,21 +233,7 @@ async fn connect(peer: &HttpPeer) -> Result<Stream> {
         .options
         .connection_timeout
         .unwrap_or(Duration::from_secs(10));
-    let tcp = match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                ErrorType::ConnectRefused
-            } else {
-                ErrorType::ConnectError
-            };
-            return Error::e_because(kind, format!("connecting to {addr}"), e);
-        }
-        Err(_) => {
-            return Error::e_explain(ErrorType::ConnectTimedout, format!("connecting to {addr}"))
-        }
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = crate::fast::connect(addr, limit).await?;
     Ok(Box::new(L4Stream::from(tcp)))
 }
 
