@@ -37,9 +37,7 @@ impl<'a> Line<'a> {
 
 /// Writes the line.
 pub fn write(line: &Line, e: Option<&Error>, ctx: &Ctx) {
-    let client = ctx
-        .client()
-        .map_or_else(|| "-".to_string(), |c| c.to_string());
+    let client = Client(ctx.client());
     let error = e.map(|e| e.etype().as_str()).unwrap_or("");
     tracing::info!(
         target: "erpgate::access",
@@ -56,4 +54,17 @@ pub fn write(line: &Line, e: Option<&Error>, ctx: &Ctx) {
         request_id = ctx.request_id(),
         error,
     );
+}
+
+/// The client's address as the line shows it ("-" when unknown), formatted only when the line
+/// is written.
+struct Client(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }

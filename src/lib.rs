@@ -15,6 +15,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod health;
 pub mod jsonrpc;
+pub mod logwrite;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
