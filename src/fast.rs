@@ -27,9 +27,9 @@ use pingora::protocols::Stream;
 use pingora::proxy::ProxyHttp;
 use pingora::{Error, ErrorType, Result, RetryType};
 use pingora_timeout::fast_timeout::fast_timeout;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,14 +89,24 @@ pub fn request(head: &Bytes) -> Option<Request> {
     if body_len > MAX_BODY || (head.len() - len) as u64 > body_len {
         return None;
     }
-    // Without the fields' case (Odoo reads them in any case): half the work of building.
-    let mut req =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len())).ok()?;
-    for h in parsed.headers.iter() {
-        let value = http::HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;
-        req.append_header(head.slice_ref(h.name.as_bytes()), value)
-            .ok()?;
+    // Built as `http` parts, without the fields' case (Odoo reads them in any case), on the
+    // bytes of `head` (Pingora's builder copies the path and converts each name twice).
+    let uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes())).ok()?;
+    // The target goes to Odoo as the URI gives it back: it must be the client's, byte for byte.
+    if uri.path_and_query().map(|p| p.as_str()) != Some(path) {
+        return None;
     }
+    let mut headers = http::HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = http::Method::from_bytes(method.as_bytes()).ok()?;
+    parts.uri = uri;
+    parts.headers = headers;
+    let req = RequestHeader::from(parts);
     Some(Request {
         req,
         body_len,
@@ -484,33 +494,35 @@ async fn exchange(
     ctx: &mut Ctx,
     t: &Timeouts,
 ) -> Result<bool> {
-    // The request as it goes to Odoo: the client's fields, less those of its connection only
-    // and those erpgate sets (the forwarded headers and the request id, in `set`).
+    // The request as it goes to Odoo: the fields erpgate sets (the forwarded headers and the
+    // request id), then the client's, less those of its connection only and those set.
     let req = &client.req;
-    let mut set = RequestHeader::build_no_case(req.method.clone(), b"/", Some(6))?;
+    let mut out = BytesMut::with_capacity(1024);
+    out.put_slice(req.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(req.raw_path());
+    out.put_slice(b" HTTP/1.1\r\n");
     let local = || {
         client
             .stream
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
     };
+    let mut set = Fields {
+        out: &mut out,
+        names: [""; SET_FIELDS],
+        count: 0,
+    };
     let removed = proxy::forward_headers(req, local, &mut set, ctx)?;
-    let mut out = BytesMut::with_capacity(1024);
-    out.put_slice(req.method.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(req.raw_path());
-    out.put_slice(b" HTTP/1.1\r\n");
+    let (names, count) = (set.names, set.count);
+    let set = &names[..count];
     for (name, value) in req.headers.iter() {
         let n = name.as_str();
-        if set.headers.contains_key(name)
-            || removed.contains(&n)
-            || crate::headers::is_hop_by_hop(n, req)
-        {
+        if set.contains(&n) || removed.contains(&n) || crate::headers::is_hop_by_hop(n, req) {
             continue;
         }
         put_field(&mut out, n.as_bytes(), value.as_bytes());
     }
-    set.header_to_h1_wire(&mut out);
     out.put_slice(b"\r\n");
     out.put_slice(&client.body);
     match fast_timeout(t.read, odoo.write_all(&out)).await {
@@ -534,6 +546,43 @@ async fn exchange(
     let (framing, keep) = read_answer_head(odoo, &mut buf, t.read, client, ctx, &mut out).await?;
     relay_body(client, odoo, buf, out, framing, t.read).await?;
     Ok(keep)
+}
+
+/// The fields erpgate sets on a request to Odoo, written as they are set.
+struct Fields<'a> {
+    out: &'a mut BytesMut,
+    /// Their names.
+    names: [&'static str; SET_FIELDS],
+    count: usize,
+}
+
+/// Most fields erpgate sets on a request to Odoo ([`proxy::forward_headers`] sets five).
+const SET_FIELDS: usize = 8;
+
+impl proxy::UpstreamFields for Fields<'_> {
+    // The client's fields are written after these, less the removed ones.
+    fn remove(&mut self, _name: &'static str) {}
+
+    fn set(
+        &mut self,
+        name: &'static str,
+        value: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let Some(slot) = self.names.get_mut(self.count) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "more fields set than the request to Odoo holds",
+            ));
+        };
+        *slot = name;
+        self.count += 1;
+        self.out.put_slice(name.as_bytes());
+        self.out.put_slice(b": ");
+        value(&mut (&mut *self.out).writer())
+            .map_err(|e| Error::because(ErrorType::InternalError, "header value", e))?;
+        self.out.put_slice(b"\r\n");
+        Ok(())
+    }
 }
 
 /// `name: value` and its line end.
@@ -854,11 +903,16 @@ fn hex(b: u8) -> Option<u64> {
     (b as char).to_digit(16).map(u64::from)
 }
 
-/// Kept-alive connections to Odoo servers, by address, the newest last.
-static POOL: LazyLock<Mutex<HashMap<SocketAddr, Vec<Idle>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+thread_local! {
+    /// Kept-alive connections to Odoo servers, by address, the newest last; one pool per
+    /// thread. erpgate's threads each run a runtime of their own, and a socket's readiness
+    /// comes from the runtime it was opened on: a connection opened on one thread and used
+    /// on the other made every wake-up of its request a wake-up of the other thread too (an
+    /// `eventfd` write and a thread switch; measured, about one per request).
+    static POOL: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
 
-/// Most idle connections kept per Odoo server.
+/// Most idle connections kept per Odoo server, per thread.
 const POOL_PER_SERVER: usize = 128;
 
 /// An idle connection is closed after this long (Pingora's pool keeps them 60 s too).
@@ -869,51 +923,36 @@ struct Idle {
     since: Instant,
 }
 
-/// A kept-alive connection to `addr` that Odoo has not closed, if there is one.
+/// A kept-alive connection to `addr` that Odoo has not closed, if this thread has one.
 fn take(addr: SocketAddr) -> Option<TcpStream> {
-    let mut dropped = Vec::new();
-    let found = {
-        let Ok(mut pool) = POOL.lock() else {
-            return None;
-        };
+    POOL.with_borrow_mut(|pool| {
         let idle = pool.get_mut(&addr)?;
-        loop {
-            let Some(i) = idle.pop() else {
-                break None;
-            };
+        while let Some(i) = idle.pop() {
             if i.since.elapsed() < POOL_IDLE && open(&i.conn) {
-                break Some(i.conn);
+                return Some(i.conn);
             }
-            dropped.push(i);
         }
-    };
-    // Closed outside the lock.
-    drop(dropped);
-    found
+        None
+    })
 }
 
-/// Back into the pool (the oldest is closed when `addr` has its fill).
+/// Back into this thread's pool (the oldest is closed when `addr` has its fill).
 fn put(addr: SocketAddr, conn: TcpStream) {
-    let old = {
-        let Ok(mut pool) = POOL.lock() else {
-            return;
-        };
+    POOL.with_borrow_mut(|pool| {
         let idle = pool.entry(addr).or_default();
         let stale = idle
             .iter()
             .take_while(|i| i.since.elapsed() >= POOL_IDLE)
             .count();
-        let mut old: Vec<Idle> = idle.drain(..stale).collect();
+        idle.drain(..stale);
         if idle.len() >= POOL_PER_SERVER {
-            old.push(idle.remove(0));
+            idle.remove(0);
         }
         idle.push(Idle {
             conn,
             since: Instant::now(),
         });
-        old
-    };
-    drop(old);
+    });
 }
 
 /// Whether an idle connection is still open: nothing to read (a closed one reads 0 bytes;

@@ -47,17 +47,31 @@ impl Forwarded {
         I: IntoIterator<Item = &'a [u8]>,
         I::IntoIter: DoubleEndedIterator,
     {
-        let mut s = String::new();
+        let mut s = Vec::new();
+        // Writing to a Vec does not fail.
+        let _ = self.write_chain(xff_values, &mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    }
+
+    /// [`Self::chain`], written to `out`.
+    pub fn write_chain<'a, I>(
+        &self,
+        xff_values: I,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: DoubleEndedIterator,
+    {
         if let (true, Some(from_right)) = (self.peer_trusted, self.client_hop) {
             let all: Vec<&str> = hops(xff_values.into_iter()).collect();
             let before = all.len().saturating_sub(from_right + 1);
             for hop in &all[..before] {
-                s.push_str(hop);
-                s.push_str(", ");
+                out.write_all(hop.as_bytes())?;
+                out.write_all(b", ")?;
             }
         }
-        s.push_str(&self.client.to_string());
-        s
+        write!(out, "{}", self.client)
     }
 }
 

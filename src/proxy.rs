@@ -1023,13 +1023,44 @@ const UNTRUSTED_FORWARDING: [&str; 4] = [
     "x-forwarded-prefix",
 ];
 
+/// Where [`forward_headers`] puts the fields it sets on the request to Odoo: Pingora's request
+/// header, or the head erpgate's own loop writes ([`crate::fast`]).
+pub(crate) trait UpstreamFields {
+    /// Removes the client's `name` field.
+    fn remove(&mut self, name: &'static str);
+    /// Sets `name` (lowercase) to the value `value` writes.
+    fn set(
+        &mut self,
+        name: &'static str,
+        value: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<()>;
+}
+
+impl UpstreamFields for RequestHeader {
+    fn remove(&mut self, name: &'static str) {
+        self.remove_header(name);
+    }
+
+    fn set(
+        &mut self,
+        name: &'static str,
+        value: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let mut v = Vec::new();
+        value(&mut v).map_err(|e| Error::because(ErrorType::InternalError, "header value", e))?;
+        let v = http::HeaderValue::from_maybe_shared(Bytes::from(v))
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "header value", e))?;
+        self.insert_header(name, v)
+    }
+}
+
 /// The forwarded headers and the request id on `up`, the request as it goes to Odoo (`req`:
 /// as the client sent it; `local`: erpgate's address, the host of last resort). Returns the
 /// client's fields it removed (when the client is not a trusted proxy).
 pub(crate) fn forward_headers(
     req: &RequestHeader,
     local: impl FnOnce() -> Option<std::net::SocketAddr>,
-    up: &mut RequestHeader,
+    up: &mut impl UpstreamFields,
     ctx: &Ctx,
 ) -> Result<&'static [&'static str]> {
     let Some(fwd) = &ctx.fwd else {
@@ -1038,34 +1069,36 @@ pub(crate) fn forward_headers(
     let trusted = fwd.peer_trusted;
     let proto = if ctx.https { "https" } else { "http" };
     let fhost = match req.headers.get("x-forwarded-host") {
-        Some(h) if trusted && !h.is_empty() => Some(h.clone()),
-        _ => req.headers.get(header::HOST).cloned().or_else(|| {
-            req.uri
-                .authority()
-                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-        }),
+        Some(h) if trusted && !h.is_empty() => Some(h.as_bytes()),
+        _ => req
+            .headers
+            .get(header::HOST)
+            .map(|h| h.as_bytes())
+            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes())),
     };
     let removed: &'static [&'static str] = if trusted { &[] } else { &UNTRUSTED_FORWARDING };
     for h in removed {
-        up.remove_header(*h);
+        up.remove(h);
     }
-    let chain = fwd.chain(
-        req.headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.as_bytes()),
-    );
-    up.insert_header("x-forwarded-for", chain)?;
-    up.insert_header("x-real-ip", fwd.client.to_string())?;
-    up.insert_header("x-forwarded-proto", proto)?;
-    match fhost {
-        Some(h) => up.insert_header("x-forwarded-host", h)?,
-        None => {
-            let local = local().map_or_else(|| "localhost".to_string(), |a| a.to_string());
-            up.insert_header("x-forwarded-host", local)?
-        }
-    }
-    up.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    up.set("x-forwarded-for", |w| {
+        fwd.write_chain(
+            req.headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            w,
+        )
+    })?;
+    up.set("x-real-ip", |w| write!(w, "{}", fwd.client))?;
+    up.set("x-forwarded-proto", |w| w.write_all(proto.as_bytes()))?;
+    up.set("x-forwarded-host", |w| match fhost {
+        Some(h) => w.write_all(h),
+        None => match local() {
+            Some(a) => write!(w, "{a}"),
+            None => w.write_all(b"localhost"),
+        },
+    })?;
+    up.set(X_REQUEST_ID, |w| w.write_all(ctx.request_id.as_bytes()))?;
     Ok(removed)
 }
 
