@@ -16,6 +16,7 @@ use pingora::server::Server;
 use pingora::services::listening::Service;
 use std::io::IsTerminal;
 use std::sync::Arc;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The log's lines, written by a thread of their own until erpgate exits ([`flush_logs`]).
 static LOG_LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
@@ -28,22 +29,47 @@ pub fn init_logging(log: &LogSettings) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let writer = LOG_LINES.get_or_init(|| Lines::start(std::io::stdout()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let res = match log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Human => builder
-            .with_ansi(std::io::stdout().is_terminal())
-            .try_init(),
-    };
+    // Colours on a terminal come from the subscriber's formatter: access lines go through it.
+    if !std::io::stdout().is_terminal() {
+        let _ = ACCESS_FORMAT.set(log.format);
+    }
+    let res = subscriber(log.format, filter, writer, std::io::stdout().is_terminal()).try_init();
     if let Err(e) = res {
         eprintln!("erpgate: logging already set up: {e}");
     }
+}
+
+/// The log's subscriber: lines in `format` (with colours when `ansi`) to `writer`.
+pub(crate) fn subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .finish(),
+        ),
+        LogFormat::Human => Box::new(builder.with_ansi(ansi).finish()),
+    }
+}
+
+/// How access lines are written straight to the log's lines (not on a terminal).
+static ACCESS_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Where and in which format [`crate::access`] writes its lines itself, when it does.
+pub(crate) fn access_log() -> Option<(&'static Lines, LogFormat)> {
+    Some((LOG_LINES.get()?, *ACCESS_FORMAT.get()?))
 }
 
 /// Writes out the log lines not written yet and stops the log writer; before erpgate exits.

@@ -334,7 +334,7 @@ fn websockets_fail_over_on_connect_and_are_logged_when_they_close() {
         })
         .collect();
     assert_eq!(fake.ws_open(), 3);
-    assert!(gw.log().contains("Odoo server marked down"), "{}", gw.log());
+    gw.wait_log_line(&["Odoo server marked down"]);
     // Logged when it closes, with what went each way: not at the handshake.
     assert!(!gw.log().contains("\"status\":101"), "{}", gw.log());
     let last = sockets.pop().expect("a socket");
