@@ -649,7 +649,9 @@ async fn read_answer_head(
             let framing = framing(code, head_request, parsed.headers)?;
             let keep = !matches!(framing, Framing::Close | Framing::CloseCoded)
                 && keeps_alive(parsed.version, parsed.headers);
-            let mut resp = ResponseHeader::build(code, Some(4))?;
+            // Its fields are written from the parse, in their case: the header holds only
+            // erpgate's and Set-Cookie, without a case map.
+            let mut resp = ResponseHeader::build_no_case(code, Some(4))?;
             if parsed.version == Some(0) {
                 resp.set_version(http::Version::HTTP_10);
             }

@@ -140,7 +140,17 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 
 /// A fresh request id: 128 random bits as 32 hex digits.
 pub fn new_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    hex32(fastrand::u128(..))
+}
+
+/// `n` in 32 lowercase hex digits, the most significant first (as `{:032x}` writes it,
+/// without the formatting machinery).
+fn hex32(n: u128) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..32)
+        .rev()
+        .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -224,5 +234,8 @@ mod tests {
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(&[b'a'; 129]));
         assert_eq!(new_request_id().len(), 32);
+        for n in [0, 1, 0xabc, u128::MAX, u128::MAX / 3, 1 << 127] {
+            assert_eq!(hex32(n), format!("{n:032x}"));
+        }
     }
 }

@@ -109,7 +109,7 @@ pub struct Ctx {
     /// The server of the current attempt.
     server: Option<Arc<crate::config::Upstream>>,
     /// Servers already tried (their ids), for failover.
-    tried: Vec<u64>,
+    tried: smallvec::SmallVec<[u64; 4]>,
     /// Counts this request among the current server's open connections.
     open_on: Option<OpenConn>,
     body_bytes: u64,
@@ -420,7 +420,10 @@ fn add_security_headers(
         return Ok(());
     }
     if h.nosniff {
-        resp.insert_header("x-content-type-options", "nosniff")?;
+        resp.insert_header(
+            header::X_CONTENT_TYPE_OPTIONS,
+            http::HeaderValue::from_static("nosniff"),
+        )?;
     }
     if let Some(v) = &h.referrer_policy {
         resp.insert_header("referrer-policy", v.clone())?;
@@ -812,7 +815,7 @@ impl ProxyHttp for ErpGate {
             in_flight: None,
             request_id: String::new(),
             server: None,
-            tried: Vec::new(),
+            tried: smallvec::SmallVec::new(),
             open_on: None,
             body_bytes: 0,
             own_status: None,
