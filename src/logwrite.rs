@@ -3,9 +3,10 @@
 //! A request's thread formats its access line, appends it to the buffer under a lock and goes
 //! on; it never makes a `write` of its own. The writer thread writes what gathered in one
 //! `write`, then waits [`GATHER`] before it looks again, so under load it wakes about a
-//! hundred times a second whatever the request rate (a writer woken for each line, as
-//! tracing-appender's is, cost a thread switch per request: measured, a fifth of the CPU of
-//! a small request). When idle it sleeps until the next line, which is written at once.
+//! hundred times a second whatever the request rate. A writer woken for each line, as
+//! tracing-appender's is, cost a thread switch per request (thread switches were 17 % of
+//! erpgate's CPU samples with the access log on; batching took local wrk from 46.7k to
+//! 52.3k req/s). When idle it sleeps until the next line, which is written at once.
 //!
 //! No line is dropped: when the writer falls behind by [`LIMIT`] bytes, the threads that log
 //! wait for it. Lines logged after [`Lines::close`] are written directly.
