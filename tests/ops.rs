@@ -118,6 +118,13 @@ fn start_with_grace(odoo: &FakeOdoo, grace: &str) -> Erpgate {
     Erpgate::start(&body)
 }
 
+/// How many access lines of `/web/login` requests `log` has.
+fn login_lines(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("erpgate::access") && l.contains("path=/web/login"))
+        .count()
+}
+
 /// After SIGTERM: erpgate exits 0 in time.
 fn exits_cleanly(gw: &mut Erpgate) {
     assert_eq!(
@@ -474,11 +481,7 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
     }
     exits_cleanly(&mut gw);
     let log = gw.log();
-    let lines = log
-        .lines()
-        .filter(|l| l.contains("erpgate::access") && l.contains("path=/web/login"))
-        .count();
-    assert_eq!(lines, 203, "{log}");
+    assert_eq!(login_lines(&log), 203, "{log}");
     assert!(log.contains("All runtimes exited"), "{log}");
 }
 
@@ -508,11 +511,7 @@ fn sigint_exits_at_once_with_the_log_written() {
         // Not the 30 s grace period of a graceful stop.
         assert!(asked.elapsed() < Duration::from_secs(5), "round {round}");
         let log = gw.log();
-        let lines = log
-            .lines()
-            .filter(|l| l.contains("erpgate::access") && l.contains("path=/web/login"))
-            .count();
-        assert_eq!(lines, 80, "round {round}: {log}");
+        assert_eq!(login_lines(&log), 80, "round {round}: {log}");
         assert!(log.contains("SIGINT received, exiting"), "{log}");
     }
 }
