@@ -513,12 +513,12 @@ async fn exchange(
         names: [""; SET_FIELDS],
         count: 0,
     };
-    let removed = proxy::forward_headers(req, local, &mut set, ctx)?;
-    let (names, count) = (set.names, set.count);
-    let set = &names[..count];
+    proxy::forward_headers(req, local, &mut set, ctx)?;
+    let Fields { names, count, .. } = set;
+    let skipped = &names[..count];
     for (name, value) in req.headers.iter() {
         let n = name.as_str();
-        if set.contains(&n) || removed.contains(&n) || crate::headers::is_hop_by_hop(n, req) {
+        if skipped.contains(&n) || crate::headers::is_hop_by_hop(n, req) {
             continue;
         }
         put_field(&mut out, n.as_bytes(), value.as_bytes());
@@ -548,34 +548,45 @@ async fn exchange(
     Ok(keep)
 }
 
-/// The fields erpgate sets on a request to Odoo, written as they are set.
+/// The fields erpgate sets on a request to Odoo, written as they are set, and the names of
+/// the client's fields that do not go on (those set, and those removed).
 struct Fields<'a> {
     out: &'a mut BytesMut,
-    /// Their names.
     names: [&'static str; SET_FIELDS],
     count: usize,
 }
 
-/// Most fields erpgate sets on a request to Odoo ([`proxy::forward_headers`] sets five).
-const SET_FIELDS: usize = 8;
+/// Most fields erpgate sets or removes on a request to Odoo ([`proxy::forward_headers`] sets
+/// five and removes up to four).
+const SET_FIELDS: usize = 12;
+
+impl Fields<'_> {
+    /// The client's `name` field does not go on.
+    fn skip(&mut self, name: &'static str) -> Result<()> {
+        let Some(slot) = self.names.get_mut(self.count) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "more fields set or removed than the request to Odoo holds",
+            ));
+        };
+        *slot = name;
+        self.count += 1;
+        Ok(())
+    }
+}
 
 impl proxy::UpstreamFields for Fields<'_> {
-    // The client's fields are written after these, less the removed ones.
-    fn remove(&mut self, _name: &'static str) {}
+    // The client's fields are written after these, less the skipped ones.
+    fn remove(&mut self, name: &'static str) -> Result<()> {
+        self.skip(name)
+    }
 
     fn set(
         &mut self,
         name: &'static str,
         value: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> Result<()> {
-        let Some(slot) = self.names.get_mut(self.count) else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "more fields set than the request to Odoo holds",
-            ));
-        };
-        *slot = name;
-        self.count += 1;
+        self.skip(name)?;
         self.out.put_slice(name.as_bytes());
         self.out.put_slice(b": ");
         value(&mut (&mut *self.out).writer())

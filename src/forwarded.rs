@@ -38,22 +38,10 @@ where
 }
 
 impl Forwarded {
-    /// The `X-Forwarded-For` value to send upstream, from the same header values given to
-    /// [`resolve`]: the chain up to and including the client (hops a trusted proxy vouched
-    /// for, never a forged one from an untrusted peer). Built only when the request is sent
-    /// on, so deciding about a request allocates nothing.
-    pub fn chain<'a, I>(&self, xff_values: I) -> String
-    where
-        I: IntoIterator<Item = &'a [u8]>,
-        I::IntoIter: DoubleEndedIterator,
-    {
-        let mut s = Vec::new();
-        // Writing to a Vec does not fail.
-        let _ = self.write_chain(xff_values, &mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    }
-
-    /// [`Self::chain`], written to `out`.
+    /// Writes the `X-Forwarded-For` value to send upstream to `out`, from the same header
+    /// values given to [`resolve`]: the chain up to and including the client (hops a trusted
+    /// proxy vouched for, never a forged one from an untrusted peer). Written only when the
+    /// request is sent on, so deciding about a request allocates nothing.
     pub fn write_chain<'a, I>(
         &self,
         xff_values: I,
@@ -156,6 +144,20 @@ fn hex32(n: u128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Forwarded {
+        /// [`Forwarded::write_chain`] as a string.
+        fn chain<'a, I>(&self, xff_values: I) -> String
+        where
+            I: IntoIterator<Item = &'a [u8]>,
+            I::IntoIter: DoubleEndedIterator,
+        {
+            let mut s = Vec::new();
+            self.write_chain(xff_values, &mut s)
+                .expect("a Vec takes it");
+            String::from_utf8(s).expect("UTF-8")
+        }
+    }
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().expect("test cidr")).collect()

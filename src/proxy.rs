@@ -917,7 +917,7 @@ impl ProxyHttp for ErpGate {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let local = || session.server_addr().and_then(|a| a.as_inet()).copied();
-        forward_headers(session.req_header(), local, up, ctx).map(|_| ())
+        forward_headers(session.req_header(), local, up, ctx)
     }
 
     async fn response_filter(
@@ -1030,7 +1030,7 @@ const UNTRUSTED_FORWARDING: [&str; 4] = [
 /// header, or the head erpgate's own loop writes ([`crate::fast`]).
 pub(crate) trait UpstreamFields {
     /// Removes the client's `name` field.
-    fn remove(&mut self, name: &'static str);
+    fn remove(&mut self, name: &'static str) -> Result<()>;
     /// Sets `name` (lowercase) to the value `value` writes.
     fn set(
         &mut self,
@@ -1040,8 +1040,9 @@ pub(crate) trait UpstreamFields {
 }
 
 impl UpstreamFields for RequestHeader {
-    fn remove(&mut self, name: &'static str) {
+    fn remove(&mut self, name: &'static str) -> Result<()> {
         self.remove_header(name);
+        Ok(())
     }
 
     fn set(
@@ -1058,16 +1059,15 @@ impl UpstreamFields for RequestHeader {
 }
 
 /// The forwarded headers and the request id on `up`, the request as it goes to Odoo (`req`:
-/// as the client sent it; `local`: erpgate's address, the host of last resort). Returns the
-/// client's fields it removed (when the client is not a trusted proxy).
+/// as the client sent it; `local`: erpgate's address, the host of last resort).
 pub(crate) fn forward_headers(
     req: &RequestHeader,
     local: impl FnOnce() -> Option<std::net::SocketAddr>,
     up: &mut impl UpstreamFields,
     ctx: &Ctx,
-) -> Result<&'static [&'static str]> {
+) -> Result<()> {
     let Some(fwd) = &ctx.fwd else {
-        return Ok(&[]);
+        return Ok(());
     };
     let trusted = fwd.peer_trusted;
     let proto = if ctx.https { "https" } else { "http" };
@@ -1079,9 +1079,10 @@ pub(crate) fn forward_headers(
             .map(|h| h.as_bytes())
             .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes())),
     };
-    let removed: &'static [&'static str] = if trusted { &[] } else { &UNTRUSTED_FORWARDING };
-    for h in removed {
-        up.remove(h);
+    if !trusted {
+        for h in UNTRUSTED_FORWARDING {
+            up.remove(h)?;
+        }
     }
     up.set("x-forwarded-for", |w| {
         fwd.write_chain(
@@ -1101,8 +1102,7 @@ pub(crate) fn forward_headers(
             None => w.write_all(b"localhost"),
         },
     })?;
-    up.set(X_REQUEST_ID, |w| w.write_all(ctx.request_id.as_bytes()))?;
-    Ok(removed)
+    up.set(X_REQUEST_ID, |w| w.write_all(ctx.request_id.as_bytes()))
 }
 
 /// Odoo's answer as it goes to the client (`version`: the client's HTTP version): the request

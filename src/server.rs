@@ -29,11 +29,12 @@ pub fn init_logging(log: &LogSettings) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let writer = LOG_LINES.get_or_init(|| Lines::start(std::io::stdout()));
+    let terminal = std::io::stdout().is_terminal();
     // Colours on a terminal come from the subscriber's formatter: access lines go through it.
-    if !std::io::stdout().is_terminal() {
+    if !terminal {
         let _ = ACCESS_FORMAT.set(log.format);
     }
-    let res = subscriber(log.format, filter, writer, std::io::stdout().is_terminal()).try_init();
+    let res = subscriber(log.format, filter, writer, terminal).try_init();
     if let Err(e) = res {
         eprintln!("erpgate: logging already set up: {e}");
     }
