@@ -33,8 +33,11 @@ use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorType, Result};
+use std::os::fd::AsFd;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Most bytes read at a time.
@@ -94,7 +97,7 @@ pub async fn serve(gate: ErpGate, mut session: Session, mut ctx: Ctx) {
     }
     // Boxed: the handshake's state is let go once it is done, not kept in the task for as
     // long as the WebSocket stays open.
-    let mut odoo = match Box::pin(handshake(&gate, &mut session, &mut ctx)).await {
+    let (mut odoo, socket) = match Box::pin(handshake(&gate, &mut session, &mut ctx)).await {
         Ok(Some(odoo)) => odoo,
         // Odoo refused the upgrade; its answer went to the client.
         Ok(None) => {
@@ -141,7 +144,17 @@ pub async fn serve(gate: ErpGate, mut session: Session, mut ctx: Ctx) {
     };
     let plain = client.stream().as_any().is::<L4Stream>();
     let (client_rx, client_tx) = tokio::io::split(client.into_inner());
-    let (odoo_rx, odoo_tx) = tokio::io::split(odoo.into_inner());
+    // Pingora's session (and its stream, about 0.45 KiB) goes; the relay holds the socket.
+    drop(odoo);
+    let odoo = match TcpStream::from_std(socket) {
+        Ok(odoo) => odoo,
+        Err(e) => {
+            let e = Error::because(ErrorType::ConnectError, "WebSocket to Odoo", e);
+            tracing::error!("WebSocket relay failed: {e}");
+            return;
+        }
+    };
+    let (odoo_rx, odoo_tx) = odoo.into_split();
     let tunnel = Box::new(Tunnel {
         up: Half::new(client_rx, odoo_tx, plain, t.idle),
         down: Half::new(odoo_rx, client_tx, true, t.read.max(t.idle)),
@@ -165,19 +178,21 @@ fn early(read: Option<Result<Option<Bytes>>>) -> Bytes {
 }
 
 /// Connects to Odoo (failing over while nothing was sent) and passes the handshake on.
-/// `Some`: Odoo switched protocols and the client has its 101. `None`: Odoo refused, and its
-/// answer went to the client, whose connection then closes.
+/// `Some`: Odoo switched protocols and the client has its 101; the session (for the bytes it
+/// read past the answer) and a second descriptor of its socket, which the relay keeps once
+/// the session is let go. `None`: Odoo refused, and its answer went to the client, whose
+/// connection then closes.
 async fn handshake(
     gate: &ErpGate,
     session: &mut Session,
     ctx: &mut Ctx,
-) -> Result<Option<OdooSession>> {
+) -> Result<Option<(OdooSession, std::net::TcpStream)>> {
     // A connection of its own (never a pooled one: it becomes the WebSocket), to the server
     // `upstream_peer` picks, with its timeouts; failing over as `fail_to_connect` says.
-    let (stream, peer) = loop {
+    let (tcp, peer) = loop {
         let peer = gate.upstream_peer(session, ctx).await?;
         match connect(&peer).await {
-            Ok(stream) => break (stream, peer),
+            Ok(tcp) => break (tcp, peer),
             Err(e) => {
                 let mut e = gate.fail_to_connect(session, &peer, ctx, e);
                 e.as_up();
@@ -187,8 +202,14 @@ async fn handshake(
             }
         }
     };
+    let socket = tcp
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .or_else(|e| Error::e_because(ErrorType::ConnectError, "WebSocket to Odoo", e))?;
     let mut up = odoo_request(session.req_header())?;
     gate.upstream_request_filter(session, &mut up, ctx).await?;
+    let stream: Stream = Box::new(L4Stream::from(tcp));
     let mut odoo = OdooSession::new_with_options(stream, &*peer);
     odoo.write_request_header(Box::new(up))
         .await
@@ -210,7 +231,7 @@ async fn handshake(
         .write_response_header(Box::new(resp))
         .await?;
     if upgraded {
-        return Ok(Some(odoo));
+        return Ok(Some((odoo, socket)));
     }
     while let Some(body) = odoo.read_body_bytes().await.map_err(upstream)? {
         session
@@ -223,9 +244,10 @@ async fn handshake(
 }
 
 /// A plain TCP connection to `peer` within its connect timeout. Not Pingora's connector: the
-/// stream it builds carries a socket digest and more, about 0.4 KiB per WebSocket for as long
-/// as it stays open (idle_memory, 6,000 WebSockets: 6.59 against 6.16 KiB).
-async fn connect(peer: &HttpPeer) -> Result<Stream> {
+/// stream it builds carries a socket digest and more, about 0.4 KiB per WebSocket (idle_memory,
+/// 6,000 WebSockets: 6.59 against 6.16 KiB); Pingora's client session, which passes the
+/// handshake on, gets it wrapped as Pingora's stream only while the handshake lasts.
+async fn connect(peer: &HttpPeer) -> Result<TcpStream> {
     let Some(addr) = peer.address().as_inet().copied() else {
         return Error::e_explain(ErrorType::ConnectError, "WebSockets go to TCP servers");
     };
@@ -233,17 +255,16 @@ async fn connect(peer: &HttpPeer) -> Result<Stream> {
         .options
         .connection_timeout
         .unwrap_or(Duration::from_secs(10));
-    let tcp = crate::fast::connect(addr, limit).await?;
-    Ok(Box::new(L4Stream::from(tcp)))
+    crate::fast::connect(addr, limit).await
 }
 
 /// An open WebSocket: its two directions, and what is left of the request for its log.
 /// Kept in one allocation, which the relay's task only points to.
 struct Tunnel {
     /// The browser's bytes, to Odoo.
-    up: Half,
+    up: Half<ReadHalf<Stream>, OwnedWriteHalf>,
     /// Odoo's bytes, to the browser.
-    down: Half,
+    down: Half<OwnedReadHalf, WriteHalf<Stream>>,
     gate: ErpGate,
     ctx: Ctx,
     method: http::Method,
@@ -285,10 +306,11 @@ impl Tunnel {
     }
 }
 
-/// One direction of a WebSocket.
-struct Half {
-    from: ReadHalf<Stream>,
-    to: WriteHalf<Stream>,
+/// One direction of a WebSocket: from one socket (the client's as Pingora's stream, Odoo's
+/// as a plain socket) to the other.
+struct Half<R, W> {
+    from: R,
+    to: W,
     /// `from` is a plain socket: wait until it is readable holding no buffer.
     plain: bool,
     /// `from` is a TLS stream: its read buffer.
@@ -298,8 +320,8 @@ struct Half {
     bytes: usize,
 }
 
-impl Half {
-    fn new(from: ReadHalf<Stream>, to: WriteHalf<Stream>, plain: bool, idle: Duration) -> Half {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Half<R, W> {
+    fn new(from: R, to: W, plain: bool, idle: Duration) -> Self {
         Half {
             from,
             to,
@@ -372,7 +394,11 @@ impl Half {
 
 /// The browser's frames on their way to Odoo. When erpgate stops, Odoo gets a close frame
 /// at the next frame boundary, and what the browser sends after that is dropped.
-async fn to_odoo(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> {
+async fn to_odoo<R, W>(h: &mut Half<R, W>, phase: &mut watch::Receiver<u8>) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut asked = false;
     loop {
         let now = *phase.borrow_and_update();
@@ -407,7 +433,11 @@ async fn to_odoo(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> {
 /// Odoo's frames on their way to the browser. When erpgate ended the WebSocket (asked Odoo
 /// to close, or gave up waiting) and the browser got no close frame from Odoo, it gets
 /// erpgate's own at the end, if the end falls between two frames.
-async fn to_client(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> {
+async fn to_client<R, W>(h: &mut Half<R, W>, phase: &mut watch::Receiver<u8>) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let now = *phase.borrow_and_update();
         if now == FORCED {
@@ -427,7 +457,11 @@ async fn to_client(h: &mut Half, phase: &mut watch::Receiver<u8>) -> Result<()> 
     }
 }
 
-async fn end_to_client(h: &mut Half, ours: bool) {
+async fn end_to_client<R, W>(h: &mut Half<R, W>, ours: bool)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     if ours && !h.frames.saw_close() && h.frames.at_boundary() {
         let _ = h.send(&SERVER_CLOSE).await;
     }
