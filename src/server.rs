@@ -270,6 +270,7 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
                 resolver: resolver.clone(),
             }));
     }
+    proxy.set_connection_filter(Arc::new(crate::conn::AcceptThread));
     server.add_service(proxy);
 
     if let Some(addr) = admin {
