@@ -17,7 +17,7 @@
 //! h2) take Pingora's own path.
 //!
 //! Each HTTP/1 connection is served by the proxy thread serving the fewest, and a plain
-//! socket is registered with that thread's event loop ([`rehome`]), not the accepting one's.
+//! socket is registered with that thread's event loop, not the accepting one's.
 
 use crate::config::Config;
 use crate::proxy::ErpGate;
@@ -302,9 +302,11 @@ fn this_thread() -> Arc<Thread> {
 /// hands each new connection to a thread picked at random: with 64 connections on 2
 /// threads, splits such as 27 / 37 were seen, the busier thread's connections then waiting
 /// longer for their turn.
-fn spawn_on_least_busy(serve: impl Future<Output = ()> + Send + 'static) {
+/// A TLS connection (`movable` false) stays on this thread, where its handshake ran: its
+/// socket is registered here ([`rehome_before_tls`]).
+fn spawn_on_least_busy(movable: bool, serve: impl Future<Output = ()> + Send + 'static) {
     let here = this_thread();
-    let other = THREADS.lock().ok().and_then(|all| {
+    let other = THREADS.lock().ok().filter(|_| movable).and_then(|all| {
         let open = all.iter().map(|t| t.open.load(Ordering::Relaxed));
         let i = less_busy(open, here.open.load(Ordering::Relaxed))?;
         all.get(i).cloned()
@@ -389,18 +391,33 @@ fn own_pidfd() -> Option<BorrowedFd<'static>> {
 /// process: the one way to own a duplicate of a descriptor known only by its number without
 /// `unsafe`), registered here; the first is let go. Where that fails (a kernel before 5.6,
 /// a seccomp filter), the connection stays as it came, which works the same, only slower.
-/// TLS connections stay as they came too.
 fn rehome(stream: Stream) -> Stream {
-    if ACCEPTS.with(Cell::get) {
-        return stream;
+    match stream
+        .as_any()
+        .downcast_ref::<L4Stream>()
+        .and_then(moved_here)
+    {
+        // The first descriptor goes with `stream`, off the accepting thread's event loop.
+        Some(here) => Box::new(here),
+        None => stream,
     }
-    let Some(l4) = stream.as_any().downcast_ref::<L4Stream>() else {
-        return stream;
-    };
-    let Some(pidfd) = own_pidfd() else {
-        return stream;
-    };
-    let fd = match pidfd_getfd(pidfd, l4.as_raw_fd(), PidfdGetfdFlags::empty()) {
+}
+
+/// The same for a TLS connection's socket, before its handshake (called by
+/// [`crate::tls::VersionGate`], on the thread that runs the handshake and then serves it).
+pub(crate) fn rehome_before_tls(socket: &mut L4Stream) {
+    if let Some(here) = moved_here(socket) {
+        *socket = here;
+    }
+}
+
+/// `l4`'s socket registered with this thread's event loop, through a second descriptor;
+/// `None` when it is registered here already or cannot be moved.
+fn moved_here(l4: &L4Stream) -> Option<L4Stream> {
+    if ACCEPTS.with(Cell::get) {
+        return None;
+    }
+    let fd = match pidfd_getfd(own_pidfd()?, l4.as_raw_fd(), PidfdGetfdFlags::empty()) {
         Ok(fd) => fd,
         Err(e) => {
             static SAID: std::sync::Once = std::sync::Once::new();
@@ -409,25 +426,21 @@ fn rehome(stream: Stream) -> Stream {
                     "connections stay with the accepting thread's event loop: pidfd_getfd: {e}"
                 );
             });
-            return stream;
+            return None;
         }
     };
     let socket = std::net::TcpStream::from(fd);
     // The descriptors share the socket's flags, non-blocking included; said again, as
     // registering requires it.
-    if socket.set_nonblocking(true).is_err() {
-        return stream;
-    }
-    let Ok(socket) = tokio::net::TcpStream::from_std(socket) else {
-        return stream;
-    };
+    socket.set_nonblocking(true).ok()?;
+    let socket = tokio::net::TcpStream::from_std(socket).ok()?;
     let mut here = L4Stream::from(socket);
     let digest = SocketDigest::from_raw_fd(here.as_raw_fd());
     if let Some(peer) = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned()) {
         let _ = digest.peer_addr.set(Some(peer));
     }
     here.set_socket_digest(digest);
-    Box::new(here)
+    Some(here)
 }
 
 /// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).
@@ -454,7 +467,8 @@ impl ServerApp for Connections {
         // period and then stops the runtime, which this task runs on too.
         let conns = self.clone();
         let shutdown = shutdown.clone();
-        spawn_on_least_busy(async move {
+        let movable = stream.as_any().is::<L4Stream>();
+        spawn_on_least_busy(movable, async move {
             let stream = rehome(stream);
             keep_a_timer();
             conns.serve_http1(stream, shutdown).await;

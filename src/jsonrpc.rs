@@ -25,7 +25,7 @@ const MAX_BARE: usize = 16;
 pub enum Service {
     /// No `service` (or no `params`): Odoo calls nothing.
     Absent,
-    /// This service, decoded (bytes; at most [`MAX_SERVICE`] of them are kept).
+    /// This service, decoded (bytes; at most `MAX_SERVICE` of them are kept).
     Name(Vec<u8>, bool),
     /// Not valid JSON, not an object, `params` not an object, `service` not a string,
     /// incomplete: the caller must assume the worst.

@@ -166,6 +166,8 @@ impl ResolvesServerCert for Resolver {
 /// certificate resolver nothing of the versions a client offers. So the ClientHello is read
 /// before the handshake (then put back): a client that does not offer TLS 1.3 in its
 /// `supported_versions` gets a `protocol_version` alert and the connection is closed.
+/// Every TLS listener has it: it also registers the socket with the event loop of the thread
+/// that runs the handshake (`conn::rehome_before_tls`).
 pub struct VersionGate {
     pub resolver: Arc<Resolver>,
 }
@@ -180,6 +182,7 @@ impl pingora::listeners::PreTlsProcess for VersionGate {
         stream: &mut pingora::protocols::l4::stream::Stream,
     ) -> pingora::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        crate::conn::rehome_before_tls(stream);
         if !self.resolver.tls13_only.load(Ordering::Relaxed) {
             return Ok(());
         }
