@@ -71,11 +71,15 @@ impl Connections {
     async fn serve_http1(self: Arc<Self>, mut stream: Stream, shutdown: ShutdownWatch) {
         let mut carried: Option<HttpPersistentSettings> = None;
         let mut fresh = true;
-        // One receiver for the connection's waits, not a new one (a shared count) per request.
+        // One wait for the stop for all the connection's keep-alive waits: it stays registered
+        // with the shutdown signal between them (registering and unregistering it for each
+        // request took the signal's lock, which all threads share, twice more).
         let mut stop = shutdown.clone();
+        let mut stopping = std::pin::pin!(stop.wait_for(|stopping| *stopping));
         loop {
             let idle = self.keepalive();
-            let Some(first) = next_request(&mut stream, idle, &mut stop, fresh).await else {
+            let Some(first) = next_request(&mut stream, idle, stopping.as_mut(), fresh).await
+            else {
                 return;
             };
             fresh = false;
@@ -161,7 +165,7 @@ impl Connections {
 async fn next_request(
     stream: &mut Stream,
     idle: Duration,
-    stop: &mut ShutdownWatch,
+    stop: Pin<&mut impl Future>,
     fresh: bool,
 ) -> Option<Option<u8>> {
     if stream.as_any().is::<L4Stream>() {
@@ -178,7 +182,7 @@ async fn next_request(
 async fn wait(
     read: impl Future<Output = std::io::Result<usize>>,
     idle: Duration,
-    stop: &mut ShutdownWatch,
+    stop: Pin<&mut impl Future>,
     fresh: bool,
 ) -> bool {
     let read = tokio::time::timeout(idle, read);
@@ -189,7 +193,7 @@ async fn wait(
         tokio::select! {
             biased;
             r = read => got(r),
-            _ = stop.wait_for(|stopping| *stopping) => false,
+            _ = stop => false,
         }
     }
 }
