@@ -59,8 +59,35 @@ impl Forwarded {
                 out.write_all(b", ")?;
             }
         }
-        write!(out, "{}", self.client)
+        write_ip(self.client, out)
     }
+}
+
+/// Writes an address as its `Display` does; an IPv4 address without the formatting machinery
+/// (which took 2 % of erpgate's user time, twice per request).
+pub fn write_ip(ip: IpAddr, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let IpAddr::V4(v4) = ip else {
+        return write!(out, "{ip}");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    out.write_all(&text[..len])
 }
 
 /// Reads `X-Forwarded-For` (every value of the header, in order) against the trusted list.
@@ -144,6 +171,26 @@ fn hex32(n: u128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "192.168.100.7",
+            "1.20.199.9",
+            "100.99.10.0",
+            "::1",
+            "2001:db8::17",
+            "::ffff:10.1.2.3",
+        ] {
+            let ip: IpAddr = ip.parse().expect("address");
+            let mut out = Vec::new();
+            write_ip(ip, &mut out).expect("write");
+            assert_eq!(out, ip.to_string().into_bytes());
+        }
+    }
 
     impl Forwarded {
         /// [`Forwarded::write_chain`] as a string.

@@ -1093,7 +1093,7 @@ pub(crate) fn forward_headers(
             w,
         )
     })?;
-    up.set("x-real-ip", |w| write!(w, "{}", fwd.client))?;
+    up.set("x-real-ip", |w| forwarded::write_ip(fwd.client, w))?;
     up.set("x-forwarded-proto", |w| w.write_all(proto.as_bytes()))?;
     up.set("x-forwarded-host", |w| match fhost {
         Some(h) => w.write_all(h),
@@ -1209,12 +1209,10 @@ fn count_request(ctx: &Ctx, status: u16) {
     let zone = ctx.server.as_ref().map_or("-", |s| s.zone.as_str());
     let code = http::StatusCode::from_u16(status).ok();
     let status = code.as_ref().map_or("0", |c| c.as_str());
-    m.requests
-        .with_label_values(&[class, pool, zone, status])
-        .inc();
-    m.duration
-        .with_label_values(&[class])
-        .observe(ctx.started.elapsed().as_secs_f64());
+    m.count_request(
+        [class, pool, zone, status],
+        ctx.started.elapsed().as_secs_f64(),
+    );
     let denied = match ctx.decision {
         "denied_ip" => Some("ip"),
         "no_client_cert" => Some("client_cert"),
