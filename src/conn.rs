@@ -451,6 +451,19 @@ fn moved_here(l4: &L4Stream) -> Option<L4Stream> {
     Some(here)
 }
 
+/// A client connection's task, on the thread it was given (`open` counts it there).
+async fn connection_task(
+    conns: Arc<Connections>,
+    stream: Stream,
+    shutdown: ShutdownWatch,
+    open: OpenOn,
+) {
+    let _open = open;
+    let stream = rehome(stream);
+    keep_a_timer();
+    conns.serve_http1(stream, shutdown).await;
+}
+
 /// Seconds for Pingora's own wait for the rest of a request head (whole seconds, at least 1).
 fn whole_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -476,11 +489,8 @@ impl ServerApp for Connections {
         let conns = self.clone();
         let shutdown = shutdown.clone();
         let movable = stream.as_any().is::<L4Stream>();
-        spawn_on_least_busy(movable, move |open| async move {
-            let _open = open;
-            let stream = rehome(stream);
-            keep_a_timer();
-            conns.serve_http1(stream, shutdown).await;
+        spawn_on_least_busy(movable, move |open| {
+            connection_task(conns, stream, shutdown, open)
         });
         None
     }
@@ -508,9 +518,19 @@ mod tests {
         let conns = Arc::new(Connections::new(app, gate, store));
         let stream: Stream = Box::new(std::io::Cursor::new(Vec::new()));
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let task = conns.serve_http1(stream, shutdown);
+        let task = conns.clone().serve_http1(stream, shutdown.clone());
         let size = std::mem::size_of_val(&task);
         assert!(size < 1024, "connection task future of {size} bytes");
+        // The whole task holds that future once: a task wrapping it held it twice (before
+        // and while awaiting it), 1 KiB more per idle connection.
+        let open = OpenOn(this_thread());
+        let stream: Stream = Box::new(std::io::Cursor::new(Vec::new()));
+        let whole = connection_task(conns, stream, shutdown, open);
+        let whole = std::mem::size_of_val(&whole);
+        assert!(
+            whole < size + 128,
+            "connection task of {whole} bytes, its loop {size}"
+        );
     }
 
     fn current_thread() -> tokio::runtime::Runtime {
