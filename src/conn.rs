@@ -285,10 +285,12 @@ impl Drop for OpenOn {
     }
 }
 
-/// This thread, listed among the proxy's threads.
+/// This thread, listed among the proxy's threads (with [`keep_a_timer`] started when it is
+/// first listed: a connection is only ever given to a listed thread).
 fn this_thread() -> Arc<Thread> {
     HERE.with(|here| {
         here.get_or_init(|| {
+            keep_a_timer();
             let me = Arc::new(Thread {
                 handle: tokio::runtime::Handle::current(),
                 open: AtomicUsize::new(0),
@@ -343,8 +345,6 @@ thread_local! {
     /// This thread runs the listeners' accept loops: the sockets they accept are registered
     /// with its event loop.
     static ACCEPTS: Cell<bool> = const { Cell::new(false) };
-    /// This thread's event loop has [`keep_a_timer`]'s timer.
-    static TIMER: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Keeps a timer due within a second on this thread's event loop. Tokio wakes its event loop
@@ -356,9 +356,6 @@ thread_local! {
 /// after `keepalive_timeout`) comes after it, and the loop is left alone; it costs one wake
 /// a second.
 fn keep_a_timer() {
-    if TIMER.with(|t| t.replace(true)) {
-        return;
-    }
     tokio::spawn(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -460,7 +457,6 @@ async fn connection_task(
 ) {
     let _open = open;
     let stream = rehome(stream);
-    keep_a_timer();
     conns.serve_http1(stream, shutdown).await;
 }
 
