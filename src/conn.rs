@@ -40,11 +40,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
-
-/// Capacity of the buffer a request head is parsed in (Pingora's own initial size).
-const HEAD_BUF: usize = 4096;
 
 pub struct Connections {
     proxy: Arc<HttpProxy<ErpGate>>,
@@ -86,7 +83,8 @@ impl Connections {
             // What the client sent so far, without waiting for more: a whole simple request
             // is served by erpgate's own loop, anything else by Pingora's proxy, which parses
             // these bytes first.
-            let mut head = BytesMut::with_capacity(HEAD_BUF);
+            // At least 4 KiB (Pingora's own initial size), one this thread kept if it has one.
+            let mut head = crate::fast::buffer();
             head.extend_from_slice(first.as_slice());
             match stream.read_buf(&mut head).now_or_never() {
                 Some(Ok(0)) if head.is_empty() => return,
@@ -99,7 +97,12 @@ impl Connections {
             if let Some(request) = crate::fast::request(&head) {
                 let serving: Pin<Box<dyn Future<Output = Option<Stream>> + Send + '_>> =
                     Box::pin(crate::fast::serve(&self.gate, stream, request));
-                match serving.await {
+                let next = serving.await;
+                // Nothing refers to the head now: its buffer serves the next request.
+                if let Ok(buf) = head.try_into_mut() {
+                    crate::fast::put_back(buf);
+                }
+                match next {
                     Some(next) => stream = next,
                     None => return,
                 }
@@ -355,14 +358,29 @@ thread_local! {
 /// under wrk, 0.27 per request). With this timer there, a keep-alive wait's timer (due
 /// after `keepalive_timeout`) comes after it, and the loop is left alone; it costs one wake
 /// a second.
+///
+/// Each tick also notes the time for [`about_now`].
 fn keep_a_timer() {
     tokio::spawn(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            TICKED.set(Some(Instant::now()));
         }
     });
+}
+
+thread_local! {
+    /// When this thread's one-second timer ([`keep_a_timer`]) last fired.
+    static TICKED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The time to within a second, without reading the clock: when this thread's one-second
+/// timer last fired (the clock, on a thread without one). For ages counted in tens of
+/// seconds, such as an idle connection's to Odoo.
+pub(crate) fn about_now() -> Instant {
+    TICKED.get().unwrap_or_else(Instant::now)
 }
 
 /// Notes which thread accepts connections (Pingora calls it in the accept loop, for each

@@ -717,7 +717,11 @@ impl ErpGate {
             respond(session, ctx, 403, false).await?;
             return Ok(true);
         }
-        if let Some(m) = cfg.maintenance.as_ref().filter(|_| class.maintenance_block) {
+        if let Some(m) = cfg
+            .maintenance
+            .as_ref()
+            .filter(|m| class.maintenance_block && m.may_be_on())
+        {
             let now = chrono::Utc::now().timestamp();
             if let Some(end) = m.active_at(now) {
                 if !m.allows(client) {

@@ -118,6 +118,11 @@ impl Maintenance {
             (false, None) => None,
         }
     }
+    /// Whether maintenance is on or has windows: only then is the clock read for it (a
+    /// `[maintenance]` table switched off costs no clock read per request).
+    pub fn may_be_on(&self) -> bool {
+        self.enabled || !self.windows.is_empty()
+    }
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
         self.allow.iter().any(|n| n.contains(&ip))
     }

@@ -566,6 +566,8 @@ fn maintenance_windows_are_compiled_and_switch_on_and_off_by_time() {
     assert_eq!(m.active_at(1_798_739_999), None);
     assert_eq!(m.active_at(1_798_740_000), Some(Some(1_798_768_800)));
     assert_eq!(m.active_at(1_798_768_800), None);
+    // With windows it may be on: the time decides.
+    assert!(m.may_be_on());
     assert!(m.allows("10.10.1.1".parse().expect("ip")));
     assert!(!m.allows("10.11.1.1".parse().expect("ip")));
     // The user class is blocked by default, others pass unless marked.
@@ -580,6 +582,14 @@ fn maintenance_windows_are_compiled_and_switch_on_and_off_by_time() {
         cfg.maintenance.as_ref().and_then(|m| m.active_at(0)),
         Some(None)
     );
+    assert!(cfg.maintenance.as_ref().is_some_and(|m| m.may_be_on()));
+    // Switched off, without windows: never on, whatever the time (no clock read for it).
+    let off = format!("{MINIMAL}\n[maintenance]\nenabled = false\n");
+    let cfg = parse(&off, "t.toml", None).expect("valid");
+    let m = cfg.maintenance.as_ref().expect("maintenance");
+    assert!(!m.may_be_on());
+    assert_eq!(m.active_at(0), None);
+    assert_eq!(m.active_at(1_798_740_000), None);
     let bad = format!(
         "{}\n[maintenance]\nwindows = [{{ start = \"2027-01-01T02:00Z\", end = \"2026-12-31T18:00Z\" }}, {{ start = \"soon\", end = \"2027-01-01T02:00Z\" }}]\npage = \"/nonexistent/page.html\"\n",
         MINIMAL.replace("pool = \"web\"", "pool = \"web\"\nmaintenance = \"maybe\"")
