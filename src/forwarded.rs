@@ -153,19 +153,53 @@ pub fn valid_request_id(v: &[u8]) -> bool {
         })
 }
 
-/// A fresh request id: 128 random bits as 32 hex digits.
-pub fn new_request_id() -> String {
-    hex32(fastrand::u128(..))
+/// A request's id: one erpgate made, held in place (a `String` for it was an allocation
+/// per request), or one a trusted peer sent.
+#[derive(Debug, Clone, Default)]
+pub enum RequestId {
+    /// None yet (erpgate answered before reading the request).
+    #[default]
+    None,
+    /// 128 random bits as 32 lowercase hex digits.
+    Made([u8; 32]),
+    /// As a trusted peer sent it ([`valid_request_id`]).
+    Given(Box<str>),
+}
+
+impl RequestId {
+    /// A fresh request id: 128 random bits as 32 hex digits.
+    pub fn new() -> Self {
+        RequestId::Made(hex32(fastrand::u128(..)))
+    }
+
+    /// The id a trusted peer sent (checked with [`valid_request_id`]).
+    pub fn given(v: &[u8]) -> Self {
+        RequestId::Given(String::from_utf8_lossy(v).into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            RequestId::None => "",
+            // Hex digits: always UTF-8.
+            RequestId::Made(digits) => std::str::from_utf8(digits).unwrap_or_default(),
+            RequestId::Given(id) => id,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_str().is_empty()
+    }
 }
 
 /// `n` in 32 lowercase hex digits, the most significant first (as `{:032x}` writes it,
 /// without the formatting machinery).
-fn hex32(n: u128) -> String {
+fn hex32(n: u128) -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    (0..32)
-        .rev()
-        .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    let mut digits = [0u8; 32];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((n >> ((31 - i) * 4)) & 0xf) as usize];
+    }
+    digits
 }
 
 #[cfg(test)]
@@ -282,9 +316,16 @@ mod tests {
         assert!(!valid_request_id(b""));
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(&[b'a'; 129]));
-        assert_eq!(new_request_id().len(), 32);
+        let id = RequestId::new();
+        assert_eq!(id.as_str().len(), 32);
+        assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(RequestId::None.is_empty());
+        assert_eq!(RequestId::given(b"abc-123").as_str(), "abc-123");
         for n in [0, 1, 0xabc, u128::MAX, u128::MAX / 3, 1 << 127] {
-            assert_eq!(hex32(n), format!("{n:032x}"));
+            assert_eq!(
+                std::str::from_utf8(&hex32(n)).ok(),
+                Some(format!("{n:032x}").as_str())
+            );
         }
     }
 }
