@@ -137,7 +137,16 @@ fn body_length(fields: &[httparse::Header]) -> Option<u64> {
 }
 
 /// Serves one request; the connection back when it may carry another.
-pub async fn serve(gate: &ErpGate, stream: Stream, request: Request) -> Option<Stream> {
+///
+/// Not an `async fn`: an async function keeps its arguments for its whole run, so the stream
+/// and the request would be held twice, as given and in the client's side made of them
+/// (the request's state, boxed and copied for each request, was 3,024 bytes; 2,696 with
+/// the policy's rare answers and the failure answer boxed; 2,376 like this).
+pub fn serve(
+    gate: &ErpGate,
+    stream: Stream,
+    request: Request,
+) -> impl Future<Output = Option<Stream>> + Send + '_ {
     let Request {
         req,
         body_len,
@@ -145,7 +154,7 @@ pub async fn serve(gate: &ErpGate, stream: Stream, request: Request) -> Option<S
     } = request;
     let keepalive =
         !crate::headers::tokens(&req, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
-    let mut client = Downstream {
+    let client = Downstream {
         stream,
         req,
         answered: None,
@@ -155,12 +164,17 @@ pub async fn serve(gate: &ErpGate, stream: Stream, request: Request) -> Option<S
         bytes_out: 0,
         write_timeout: None,
     };
+    serve_client(gate, client)
+}
+
+async fn serve_client(gate: &ErpGate, mut client: Downstream) -> Option<Stream> {
     let mut ctx = gate.new_ctx();
     let (result, tries) = proxy(gate, &mut client, &mut ctx).await;
     let failure = result.err();
     if let Some(e) = &failure {
         let answered = client.answered.is_some();
-        let code = proxy::answer_failure(&mut client, answered, e, &mut ctx).await;
+        // Boxed: rare, and its state would take room in every request's.
+        let code = Box::pin(proxy::answer_failure(&mut client, answered, e, &mut ctx)).await;
         client.keepalive = false;
         if !matches!(e.etype(), ErrorType::HTTPStatus(c) if *c < 500) {
             tracing::error!(
@@ -1244,5 +1258,21 @@ mod tests {
             put_back(BytesMut::with_capacity(BUFFER));
         }
         assert_eq!(SPARE.with_borrow(Vec::len), SPARE_BUFFERS);
+    }
+
+    /// A request's state, boxed and copied for each request, holds the client's side once
+    /// (not also the stream and request it was made of) and no room for the policy's rare
+    /// answers: 2,376 bytes when written (2,392 in a debug build), 3,024 before.
+    #[tokio::test]
+    async fn a_requests_state_holds_its_client_once() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/erpgate.toml");
+        let cfg = crate::config::load(std::path::Path::new(path)).expect("default config");
+        let gate = ErpGate::new(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(cfg)));
+        let head = Bytes::from_static(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let stream: Stream = Box::new(std::io::Cursor::new(Vec::new()));
+        let serving = serve(&gate, stream, request(&head).expect("request"));
+        let size = std::mem::size_of_val(&serving);
+        eprintln!("request state: {size} bytes");
+        assert!(size < 2600, "request state of {size} bytes");
     }
 }
