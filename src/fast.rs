@@ -1008,11 +1008,9 @@ thread_local! {
     static POOL: RefCell<Vec<(SocketAddr, Vec<Idle>)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The idle connections to `addr` in `pool`, if it has had any.
-fn idle_to(pool: &mut [(SocketAddr, Vec<Idle>)], addr: SocketAddr) -> Option<&mut Vec<Idle>> {
-    pool.iter_mut()
-        .find(|(a, _)| *a == addr)
-        .map(|(_, idle)| idle)
+/// Where `pool` lists the idle connections to `addr`, if it has had any.
+fn server_at(pool: &[(SocketAddr, Vec<Idle>)], addr: SocketAddr) -> Option<usize> {
+    pool.iter().position(|(a, _)| *a == addr)
 }
 
 /// Most idle connections kept per Odoo server, per thread.
@@ -1032,7 +1030,8 @@ struct Idle {
 /// A kept-alive connection to `addr` that Odoo has not closed, if this thread has one.
 fn take(addr: SocketAddr) -> Option<TcpStream> {
     POOL.with_borrow_mut(|pool| {
-        let idle = idle_to(pool, addr)?;
+        let at = server_at(pool, addr)?;
+        let idle = &mut pool[at].1;
         let now = crate::conn::about_now();
         while let Some(i) = idle.pop() {
             if now.saturating_duration_since(i.since) < POOL_IDLE && open(&i.conn) {
@@ -1046,14 +1045,11 @@ fn take(addr: SocketAddr) -> Option<TcpStream> {
 /// Back into this thread's pool (the oldest is closed when `addr` has its fill).
 fn put(addr: SocketAddr, conn: TcpStream) {
     POOL.with_borrow_mut(|pool| {
-        let idle = match pool.iter().position(|(a, _)| *a == addr) {
-            Some(at) => &mut pool[at].1,
-            None => {
-                let at = pool.len();
-                pool.push((addr, Vec::new()));
-                &mut pool[at].1
-            }
-        };
+        let at = server_at(pool, addr).unwrap_or_else(|| {
+            pool.push((addr, Vec::new()));
+            pool.len() - 1
+        });
+        let idle = &mut pool[at].1;
         let now = crate::conn::about_now();
         let stale = idle
             .iter()
@@ -1274,7 +1270,6 @@ mod tests {
         let stream: Stream = Box::new(std::io::Cursor::new(Vec::new()));
         let serving = serve(&gate, stream, request(&head).expect("request"));
         let size = std::mem::size_of_val(&serving);
-        eprintln!("request state: {size} bytes");
         assert!(size < 2600, "request state of {size} bytes");
     }
 }
