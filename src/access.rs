@@ -51,7 +51,7 @@ pub fn write(line: &Line, e: Option<&Error>, ctx: &Ctx) {
         upstream: ctx.server_address(),
         bytes_in: line.bytes_in,
         bytes_out: line.bytes_out,
-        duration_ms: ctx.started().elapsed().as_secs_f64() * 1000.0,
+        duration: Millis(ctx.started().elapsed()),
         request_id: ctx.request_id(),
         error: e.map(|e| e.etype().as_str()).unwrap_or(""),
     };
@@ -81,7 +81,7 @@ struct Fields<'a> {
     upstream: &'a str,
     bytes_in: usize,
     bytes_out: usize,
-    duration_ms: f64,
+    duration: Millis,
     request_id: &'a str,
     error: &'a str,
 }
@@ -100,7 +100,7 @@ impl Fields<'_> {
             upstream = self.upstream,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = %format_args!("{:.3}", self.duration_ms),
+            duration_ms = %self.duration,
             request_id = self.request_id,
             error = self.error,
         );
@@ -108,54 +108,151 @@ impl Fields<'_> {
 
     /// The line as the log's subscriber writes it (to a file or pipe: no colours), written
     /// in one pass without going through its formatter (measured: the line cost 3.2 us of
-    /// CPU per request through it, 1.3 us this way). A unit test holds the two to the same
-    /// bytes.
+    /// CPU per request through it, 1.3 us through `write!`). The date to the second is made
+    /// once a second, and numbers, IPv4 addresses and quoted strings that need no escape are
+    /// written without `core::fmt`: 0.3-0.5 us less user CPU per request than `write!` (wrk
+    /// A/B, 7 rounds). A unit test holds the two to the same bytes.
     fn format(&self, format: LogFormat, now: std::time::SystemTime, out: &mut Vec<u8>) {
-        use std::io::Write;
-        let time = humantime::format_rfc3339_micros(now);
-        // Writing to a Vec does not fail.
-        let _ = match format {
-            LogFormat::Human => writeln!(
-                out,
-                "{time}  INFO erpgate::access: client={} method={} path={} status={} class={:?} \
-                 pool={:?} upstream={:?} bytes_in={} bytes_out={} duration_ms={:.3} \
-                 request_id={:?} error={:?}",
-                self.client,
-                self.method,
-                self.path,
-                self.status,
-                self.class,
-                self.pool,
-                self.upstream,
-                self.bytes_in,
-                self.bytes_out,
-                self.duration_ms,
-                self.request_id,
-                self.error,
-            ),
+        match format {
+            LogFormat::Human => {
+                timestamp(now, out);
+                out.extend_from_slice(b"  INFO erpgate::access: client=");
+                self.client.put(out);
+                out.extend_from_slice(b" method=");
+                out.extend_from_slice(self.method.as_bytes());
+                out.extend_from_slice(b" path=");
+                out.extend_from_slice(self.path.as_bytes());
+                out.extend_from_slice(b" status=");
+                number(out, self.status);
+                out.extend_from_slice(b" class=");
+                quoted(out, self.class);
+                out.extend_from_slice(b" pool=");
+                quoted(out, self.pool);
+                out.extend_from_slice(b" upstream=");
+                quoted(out, self.upstream);
+                out.extend_from_slice(b" bytes_in=");
+                number(out, self.bytes_in);
+                out.extend_from_slice(b" bytes_out=");
+                number(out, self.bytes_out);
+                out.extend_from_slice(b" duration_ms=");
+                self.duration.put(out);
+                out.extend_from_slice(b" request_id=");
+                quoted(out, self.request_id);
+                out.extend_from_slice(b" error=");
+                quoted(out, self.error);
+                out.push(b'\n');
+            }
             LogFormat::Json => {
-                let _ = write!(
-                    out,
-                    "{{\"timestamp\":\"{time}\",\"level\":\"INFO\",\"client\":\"{}\"",
-                    self.client
-                );
+                out.extend_from_slice(b"{\"timestamp\":\"");
+                timestamp(now, out);
+                out.extend_from_slice(b"\",\"level\":\"INFO\",\"client\":\"");
+                self.client.put(out);
+                out.push(b'"');
                 json_str(out, "method", self.method);
                 json_str(out, "path", self.path);
-                let _ = write!(out, ",\"status\":{}", self.status);
+                out.extend_from_slice(b",\"status\":");
+                number(out, self.status);
                 json_str(out, "class", self.class);
                 json_str(out, "pool", self.pool);
                 json_str(out, "upstream", self.upstream);
-                let _ = write!(
-                    out,
-                    ",\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":\"{:.3}\"",
-                    self.bytes_in, self.bytes_out, self.duration_ms
-                );
+                out.extend_from_slice(b",\"bytes_in\":");
+                number(out, self.bytes_in);
+                out.extend_from_slice(b",\"bytes_out\":");
+                number(out, self.bytes_out);
+                out.extend_from_slice(b",\"duration_ms\":\"");
+                self.duration.put(out);
+                out.push(b'"');
                 json_str(out, "request_id", self.request_id);
                 json_str(out, "error", self.error);
                 out.extend_from_slice(b",\"target\":\"erpgate::access\"}\n");
-                Ok(())
             }
-        };
+        }
+    }
+}
+
+/// `n` in decimal.
+fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `s` as `{:?}` writes it: in double quotes, escaped. Most values (class and pool names,
+/// addresses, request ids) need no escape and are copied as they are.
+fn quoted(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        use std::io::Write;
+        // Writing to a Vec does not fail.
+        let _ = write!(out, "{s:?}");
+    }
+}
+
+/// `now` as the log's subscriber writes it: RFC 3339, UTC, microseconds
+/// (`2026-11-26T23:16:35.396768Z`). The date and time to the second are made once a second
+/// per thread.
+fn timestamp(now: std::time::SystemTime, out: &mut Vec<u8>) {
+    let Ok(since) = now.duration_since(std::time::UNIX_EPOCH) else {
+        use std::io::Write;
+        let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+        return;
+    };
+    let secs = since.as_secs();
+    SECOND.with(|second| {
+        let (at, mut text) = second.get();
+        if at != secs || text[0] == 0 {
+            // "2026-11-26T23:16:35Z": the first 19 bytes, then the fraction's point.
+            let whole = humantime::format_rfc3339_seconds(now).to_string();
+            if let Some(date) = whole.as_bytes().get(..19) {
+                text[..19].copy_from_slice(date);
+                text[19] = b'.';
+                second.set((secs, text));
+            }
+        }
+        out.extend_from_slice(&text);
+    });
+    padded(out, since.subsec_micros(), 6);
+    out.push(b'Z');
+}
+
+/// `n` in decimal, with zeros before it to `width` digits.
+fn padded(out: &mut Vec<u8>, n: u32, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n).as_bytes();
+    out.resize(out.len() + width.saturating_sub(digits.len()), b'0');
+    out.extend_from_slice(digits);
+}
+
+thread_local! {
+    /// The second the thread's last access line was in, and its text up to the fraction.
+    static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((0, [0; 20])) };
+}
+
+/// How long a request took, in milliseconds with three decimals (`0.531`).
+#[derive(Clone, Copy)]
+struct Millis(std::time::Duration);
+
+impl Millis {
+    fn put(self, out: &mut Vec<u8>) {
+        let micros = self.micros();
+        number(out, micros / 1000);
+        out.push(b'.');
+        padded(out, (micros % 1000) as u32, 3);
+    }
+
+    /// Rounded to the nearest microsecond.
+    fn micros(self) -> u128 {
+        (self.0.as_nanos() + 500) / 1000
+    }
+}
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = self.micros();
+        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
     }
 }
 
@@ -171,6 +268,27 @@ fn json_str(out: &mut Vec<u8>, key: &str, value: &str) {
 /// is written.
 #[derive(Clone, Copy)]
 struct Client(Option<std::net::IpAddr>);
+
+impl Client {
+    /// As `Display` writes it, IPv4 addresses without `core::fmt`.
+    fn put(self, out: &mut Vec<u8>) {
+        match self.0 {
+            Some(std::net::IpAddr::V4(ip)) => {
+                let [a, b, c, d] = ip.octets();
+                number(out, a);
+                for n in [b, c, d] {
+                    out.push(b'.');
+                    number(out, n);
+                }
+            }
+            _ => {
+                use std::io::Write;
+                // Writing to a Vec does not fail.
+                let _ = write!(out, "{self}");
+            }
+        }
+    }
+}
 
 impl std::fmt::Display for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -234,7 +352,7 @@ mod tests {
                 upstream: "10.0.0.1:8069",
                 bytes_in: 0,
                 bytes_out: 613,
-                duration_ms: 1.23456,
+                duration: Millis(std::time::Duration::from_nanos(1_234_560)),
                 request_id: "7b9fbb1f2eb8b1fff705c4db75cc4273",
                 error: "",
             },
@@ -248,9 +366,23 @@ mod tests {
                 upstream: "-",
                 bytes_in: 121,
                 bytes_out: 0,
-                duration_ms: 60000.0,
+                duration: Millis(std::time::Duration::from_secs(60)),
                 request_id: "a\u{7f}\u{e9}\"\n",
                 error: "ConnectionClosed",
+            },
+            Fields {
+                client: Client(Some("2001:db8::1".parse().unwrap())),
+                method: "GET",
+                path: "/web",
+                status: 502,
+                class: "tab\there",
+                pool: "back\\slash",
+                upstream: "[2001:db8::2]:8069",
+                bytes_in: usize::MAX,
+                bytes_out: 1,
+                duration: Millis(std::time::Duration::from_nanos(999_500)),
+                request_id: "",
+                error: "ConnectTimedout",
             },
         ];
         for f in &lines {
@@ -265,6 +397,22 @@ mod tests {
                 );
             }
         }
+        let mut first = Vec::new();
+        lines[0].format(LogFormat::Human, std::time::SystemTime::now(), &mut first);
+        let first = String::from_utf8(first).unwrap();
+        assert!(
+            first.ends_with(
+                " erpgate::access: client=203.0.113.9 method=GET path=/web/login status=200 \
+                 class=\"user\" pool=\"web\" upstream=\"10.0.0.1:8069\" bytes_in=0 bytes_out=613 \
+                 duration_ms=1.235 request_id=\"7b9fbb1f2eb8b1fff705c4db75cc4273\" error=\"\"\n"
+            ),
+            "{first}"
+        );
+        let mut last = Vec::new();
+        lines[2].format(LogFormat::Human, std::time::SystemTime::now(), &mut last);
+        let last = String::from_utf8(last).unwrap();
+        assert!(last.contains(" duration_ms=1.000 "), "{last}");
+        assert!(last.contains(" class=\"tab\\there\" "), "{last}");
     }
 
     #[test]
@@ -279,7 +427,7 @@ mod tests {
             upstream: "-",
             bytes_in: 0,
             bytes_out: 0,
-            duration_ms: 0.0,
+            duration: Millis(std::time::Duration::ZERO),
             request_id: "",
             error: "",
         };
@@ -292,5 +440,23 @@ mod tests {
         assert!(
             out.starts_with(b"{\"timestamp\":\"2026-11-26T23:23:15.396768Z\",\"level\":\"INFO\",")
         );
+        // The second's text is kept by the thread: a new second, a return to an old one, a
+        // fraction that needs leading zeros, the epoch.
+        for micros in [
+            1_795_735_395_000_005,
+            1_795_735_396_999_999,
+            1_795_735_396_000_000,
+            1_795_735_395_500_000,
+            0,
+            1_795_735_395_000_005,
+        ] {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+            let mut out = Vec::new();
+            timestamp(at, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_micros(at).to_string()
+            );
+        }
     }
 }
