@@ -38,11 +38,35 @@ config warn >"$OUT/erpgate-log-off.toml"
 "$BIN" check --config "$OUT/erpgate-log-on.toml"
 "$BIN" check --config "$OUT/erpgate-log-off.toml"
 
+# peers.sh can lose track of an erpgate it started: it looks for the new process's session
+# before the child has called setsid, notes "erpgate (on) did not come up", signals nothing
+# and then waits for that erpgate for good. This watchdog stops such an erpgate (SIGINT, by
+# PID) once the note is written, so the run goes on without that round instead of hanging.
+stop_lost_candidates() {
+  local marker=$1 seen=0 n f pid
+  while sleep 0.5; do
+    n=0
+    while IFS= read -r f; do
+      n=$((n + $(grep -c '^erpgate (o[nf]*) did not come up' "$f" || true)))
+    done < <(find "${BENCH_OUT:-$PWD/target/peers-bench}" -name notes.txt -newer "$marker" 2>/dev/null)
+    ((n > seen)) || continue
+    seen=$n
+    for pid in $(pgrep -f "^$BIN run --config $PWD/$OUT/erpgate-log-o(n|ff)\.toml\$" || true); do
+      echo "load.sh: stopping erpgate $pid, which peers.sh reported as not up and waits for" >&2
+      kill -INT "$pid" 2>/dev/null || true
+    done
+  done
+}
+touch "$OUT/peers.start"
+stop_lost_candidates "$OUT/peers.start" &
+watchdog=$!
+trap 'kill "$watchdog" 2>/dev/null || true' EXIT
 # The web pool's health checks ask /web/health; peers.sh's nginx upstream answers every path.
 "$PEERS_SH" \
   --candidate "$BIN run --config $PWD/$OUT/erpgate-log-off.toml" \
   --candidate-log "$BIN run --config $PWD/$OUT/erpgate-log-on.toml" \
   --candidate-name erpgate "$@"
+kill "$watchdog" 2>/dev/null || true
 
 # Odoo's HTTP workers close every connection (HTTP/1.0 + Connection: close), so every request
 # also opens an upstream connection: nginx and erpgate in front of an upstream that does not
