@@ -17,7 +17,7 @@ pub struct RequestFacts<'a> {
     pub host: Option<&'a str>,
     pub headers: &'a HeaderMap,
     /// The JSON-RPC service the body calls, once read (None: the body was not read, and
-    /// `jsonrpc_service` conditions do not hold; see [`needs_body`]).
+    /// `jsonrpc_service` conditions do not hold; see [`classify_head`]).
     pub jsonrpc: Option<&'a Service>,
 }
 
@@ -183,22 +183,37 @@ where
     })
 }
 
-/// Whether the class of a request depends on its body: an alternative with a
-/// `jsonrpc_service` condition fits the head, before any class takes the request on its head
-/// alone. Then the body is read and [`classify`] called again with `jsonrpc` set.
-pub fn needs_body<'c, I>(classes: I, r: &RequestFacts<'_>) -> bool
+/// What a request's head says of its class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnHead {
+    /// The class [`classify`] finds (`None`: no class takes the request).
+    Class(Option<(usize, Option<usize>)>),
+    /// The body decides: an alternative with a `jsonrpc_service` condition fits the head
+    /// before any class takes the request on its head alone. Then the body is read and
+    /// [`classify`] called with `jsonrpc` set.
+    NeedsBody,
+}
+
+/// The class of a request whose body has not been read (`r.jsonrpc` is `None`), or that its
+/// body decides: one pass over the classes.
+pub fn classify_head<'c, I>(classes: I, r: &RequestFacts<'_>) -> OnHead
 where
     I: IntoIterator<Item = &'c [Alternative]>,
 {
-    for alts in classes {
-        if alts.is_empty() || alts.iter().any(|a| !a.reads_body() && a.matches(r)) {
-            return false;
+    for (i, alts) in classes.into_iter().enumerate() {
+        if alts.is_empty() {
+            return OnHead::Class(Some((i, None)));
+        }
+        // Without a body no `jsonrpc_service` condition holds: the first alternative that
+        // matches is the first of those without one.
+        if let Some(j) = alts.iter().position(|a| !a.reads_body() && a.matches(r)) {
+            return OnHead::Class(Some((i, Some(j))));
         }
         if alts.iter().any(|a| a.reads_body() && a.head_matches(r)) {
-            return true;
+            return OnHead::NeedsBody;
         }
     }
-    false
+    OnHead::Class(None)
 }
 
 impl std::fmt::Display for Alternative {

@@ -1,7 +1,9 @@
 //! The Pingora `ProxyHttp` implementation: each phase is a short call into the pure modules.
 
 use crate::audit::{AuditLog, Record};
-use crate::classify::{classify, needs_body, normalize_path, request_host, RequestFacts};
+use crate::classify::{
+    classify, classify_head, normalize_path, request_host, OnHead, RequestFacts,
+};
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
@@ -518,9 +520,15 @@ fn classify_request(
         headers: &req.headers,
         jsonrpc,
     };
-    let classes = || cfg.classes.iter().map(|c| c.alternatives.as_slice());
-    let needs = jsonrpc.is_none() && needs_body(classes(), &facts);
-    (classify(classes(), &facts), needs)
+    let classes = cfg.classes.iter().map(|c| c.alternatives.as_slice());
+    match jsonrpc {
+        Some(_) => (classify(classes, &facts), false),
+        None => match classify_head(classes, &facts) {
+            OnHead::Class(class) => (class, false),
+            // Classified again once the body's start is read.
+            OnHead::NeedsBody => (None, true),
+        },
+    }
 }
 
 /// Reads the start of the body: all of it when its Content-Length is at most

@@ -3,7 +3,7 @@
 //! forwarded-header resolution, the allowlist and the rate-limit check, as erpgate's
 //! `request_filter` runs them for a request whose class does not depend on its body.
 
-use erpgate::classify::{classify, normalize_path, request_host, RequestFacts};
+use erpgate::classify::{classify_head, normalize_path, request_host, OnHead, RequestFacts};
 use erpgate::forwarded;
 use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
@@ -27,10 +27,13 @@ pub fn decide(
         headers,
         jsonrpc: None,
     };
-    let class = classify(
+    let class = match classify_head(
         cfg.classes.iter().map(|c| c.alternatives.as_slice()),
         &facts,
-    );
+    ) {
+        OnHead::Class(class) => class,
+        OnHead::NeedsBody => None,
+    };
     let fwd = forwarded::resolve(
         peer,
         headers

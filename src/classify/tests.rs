@@ -218,16 +218,25 @@ fn jsonrpc_db_calls_need_the_body_and_then_are_admin() {
     let class = |path: &str, body: Option<&Service>| {
         let mut f = facts(&post, path, None, &h);
         f.jsonrpc = body;
-        let needs = needs_body(classes.iter().map(|c| c.as_slice()), &f);
         let class = classify(classes.iter().map(|c| c.as_slice()), &f);
-        (needs, class)
+        let head = body
+            .is_none()
+            .then(|| classify_head(classes.iter().map(|c| c.as_slice()), &f));
+        (head, class)
     };
-    // Before the body is read: the body decides, and without it the call is no db call.
-    assert_eq!(class("/jsonrpc", None), (true, Some((2, Some(1)))));
-    // Other paths never wait for their body.
-    assert!(!class("/xmlrpc/2/object", None).0);
-    assert!(!class("/web/database/drop", None).0);
-    assert!(!class("/web/login", None).0);
+    // Before the body is read: the body decides.
+    assert_eq!(class("/jsonrpc", None).0, Some(OnHead::NeedsBody));
+    // Other paths never wait for their body, and get the class `classify` gives them.
+    for path in [
+        "/xmlrpc/2/object",
+        "/web/database/drop",
+        "/web/login",
+        "/json/2/x",
+    ] {
+        let (head, class) = class(path, None);
+        assert_eq!(head, Some(OnHead::Class(class)), "{path}");
+    }
+    assert_eq!(class("/web/login", None).1, Some((3, None)));
     let db = Service::Name(b"db".to_vec(), false);
     let object = Service::Name(b"object".to_vec(), false);
     assert_eq!(class("/jsonrpc", Some(&db)).1, Some((0, Some(3))));
@@ -253,7 +262,10 @@ fn jsonrpc_db_calls_need_the_body_and_then_are_admin() {
         ])],
     ];
     let f = facts(&post, "/jsonrpc", None, &h);
-    assert!(!needs_body(earlier.iter().map(|c| c.as_slice()), &f));
+    assert_eq!(
+        classify_head(earlier.iter().map(|c| c.as_slice()), &f),
+        OnHead::Class(Some((0, Some(0))))
+    );
     // The body condition is part of coverage: a plain /jsonrpc alternative covers it.
     assert!(earlier[0][0].covers(&earlier[1][0]));
     assert!(!earlier[1][0].covers(&earlier[0][0]));
