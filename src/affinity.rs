@@ -10,7 +10,7 @@
 //! another erpgate replica reading the same cookie sends the user to the same server.
 
 use crate::upstream::Sticky;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 
 /// The cookie erpgate sets to keep a session on the server that created it.
 pub const PIN_COOKIE: &str = "erpgate_affinity";
@@ -39,13 +39,24 @@ pub fn sticky(req: &RequestHeader, name: &str) -> Sticky {
 
 /// The `Set-Cookie` value pinning the session to `server`, when this response from it sets
 /// (or deletes) the session cookie `name`; it lives as long as Odoo's cookie does.
-pub fn pin_for(resp: &ResponseHeader, name: &str, server: u64, https: bool) -> Option<String> {
-    let set = resp
-        .headers
-        .get_all(http::header::SET_COOKIE)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .rfind(|v| v.split_once('=').is_some_and(|(k, _)| k.trim() == name))?;
+/// `cookies`: the answer's `Set-Cookie` values, in order.
+pub fn pin_for<'a>(
+    cookies: impl Iterator<Item = &'a [u8]>,
+    name: &str,
+    server: u64,
+    https: bool,
+) -> Option<String> {
+    // As `HeaderValue::to_str`: visible ASCII only.
+    let text = |v: &'a [u8]| {
+        v.iter()
+            .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+            .then(|| std::str::from_utf8(v).ok())
+            .flatten()
+    };
+    let set = cookies
+        .filter_map(text)
+        .filter(|v| v.split_once('=').is_some_and(|(k, _)| k.trim() == name))
+        .last()?;
     let mut parts = set.split(';');
     let value = parts
         .next()
@@ -75,6 +86,8 @@ pub fn pin_for(resp: &ResponseHeader, name: &str, server: u64, https: bool) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::AnswerFields;
+    use pingora::http::ResponseHeader;
 
     fn req(cookies: &[&str]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/web", None).expect("request");
@@ -120,18 +133,25 @@ mod tests {
     fn a_new_session_is_pinned_for_as_long_as_it_lives() {
         let odoo = "session_id=0123; Expires=Wed, 24 Feb 2027 10:00:00 GMT; Max-Age=7776000; HttpOnly; Path=/";
         assert_eq!(
-            pin_for(&resp(&["frontend_lang=en_US; Path=/", odoo]), "session_id", 0xab, false)
+            pin_for(
+                resp(&["frontend_lang=en_US; Path=/", odoo]).cookies(), "session_id", 0xab, false)
                 .as_deref(),
             Some("erpgate_affinity=00000000000000ab; Path=/; HttpOnly; SameSite=Lax; Expires=Wed, 24 Feb 2027 10:00:00 GMT; Max-Age=7776000")
         );
         assert_eq!(
-            pin_for(&resp(&["session_id=x; Path=/"]), "session_id", 1, true).as_deref(),
+            pin_for(
+                resp(&["session_id=x; Path=/"]).cookies(),
+                "session_id",
+                1,
+                true
+            )
+            .as_deref(),
             Some("erpgate_affinity=0000000000000001; Path=/; HttpOnly; SameSite=Lax; Secure")
         );
         // Logout: Odoo deletes the session cookie, the pin goes too.
         assert_eq!(
             pin_for(
-                &resp(&["session_id=; Max-Age=0; Path=/"]),
+                resp(&["session_id=; Max-Age=0; Path=/"]).cookies(),
                 "session_id",
                 1,
                 false
@@ -140,9 +160,14 @@ mod tests {
             Some("erpgate_affinity=0000000000000001; Path=/; HttpOnly; SameSite=Lax; Max-Age=0")
         );
         assert_eq!(
-            pin_for(&resp(&["frontend_lang=en_US"]), "session_id", 1, false),
+            pin_for(
+                resp(&["frontend_lang=en_US"]).cookies(),
+                "session_id",
+                1,
+                false
+            ),
             None
         );
-        assert_eq!(pin_for(&resp(&[]), "session_id", 1, false), None);
+        assert_eq!(pin_for(resp(&[]).cookies(), "session_id", 1, false), None);
     }
 }

@@ -447,58 +447,110 @@ async fn send_own<C: Client>(
 
 /// A class's `security_headers` on a response from Odoo.
 fn add_security_headers(
-    resp: &mut ResponseHeader,
+    resp: &mut impl AnswerFields,
     h: &crate::config::SecurityHeaders,
     https: bool,
     default_hsts: Option<&http::HeaderValue>,
 ) -> Result<()> {
     if https && h.hsts.is_none() {
         if let Some(v) = default_hsts {
-            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+            resp.set(header::STRICT_TRANSPORT_SECURITY, v)?;
         }
     }
     if h.is_empty() {
         return Ok(());
     }
     if h.nosniff {
-        resp.insert_header(
+        resp.set(
             header::X_CONTENT_TYPE_OPTIONS,
-            http::HeaderValue::from_static("nosniff"),
+            &http::HeaderValue::from_static("nosniff"),
         )?;
     }
     if let Some(v) = &h.referrer_policy {
-        resp.insert_header(header::REFERRER_POLICY, v.clone())?;
+        resp.set(header::REFERRER_POLICY, v)?;
     }
     if !https {
         // HSTS over plain HTTP is ignored by browsers; a Secure cookie would not come back.
         return Ok(());
     }
     if let Some(v) = &h.hsts {
-        resp.insert_header(header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+        resp.set(header::STRICT_TRANSPORT_SECURITY, v)?;
     }
     if h.secure_session_cookie {
-        let cookies: Vec<http::HeaderValue> = resp
+        let changed: Vec<Option<Vec<u8>>> = resp
+            .cookies()
+            .map(crate::headers::secure_session_cookie)
+            .collect();
+        if changed.iter().any(Option::is_some) {
+            resp.change_cookies(changed)?;
+        }
+    }
+    Ok(())
+}
+
+/// The head of an answer to the client as [`answer_headers`] changes it: Pingora's
+/// `ResponseHeader`, or the fast path's (which writes erpgate's fields as they are set).
+pub(crate) trait AnswerFields {
+    fn status(&self) -> http::StatusCode;
+
+    /// Sets erpgate's field `name`, in place of any of Odoo's.
+    fn set(&mut self, name: http::HeaderName, value: &http::HeaderValue) -> Result<()>;
+
+    /// [`AnswerFields::set`] with a value that is text.
+    fn set_text(&mut self, name: http::HeaderName, value: &str) -> Result<()>;
+
+    /// The `Set-Cookie` values, in their order.
+    fn cookies(&self) -> impl Iterator<Item = &[u8]>;
+
+    /// Adds a `Set-Cookie` after the others.
+    fn add_cookie(&mut self, value: String) -> Result<()>;
+
+    /// Replaces the `Set-Cookie` values that have a new one (`changed`, in their order). A
+    /// new value that is no valid field value leaves the old one.
+    fn change_cookies(&mut self, changed: Vec<Option<Vec<u8>>>) -> Result<()>;
+}
+
+impl AnswerFields for ResponseHeader {
+    fn status(&self) -> http::StatusCode {
+        self.status
+    }
+
+    fn set(&mut self, name: http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        self.insert_header(name, value.clone())
+    }
+
+    fn set_text(&mut self, name: http::HeaderName, value: &str) -> Result<()> {
+        self.insert_header(name, value)
+    }
+
+    fn cookies(&self) -> impl Iterator<Item = &[u8]> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .into_iter()
+            .map(|v| v.as_bytes())
+    }
+
+    fn add_cookie(&mut self, value: String) -> Result<()> {
+        self.append_header(header::SET_COOKIE, value).map(|_| ())
+    }
+
+    fn change_cookies(&mut self, changed: Vec<Option<Vec<u8>>>) -> Result<()> {
+        let cookies: Vec<http::HeaderValue> = self
             .headers
             .get_all(header::SET_COOKIE)
             .iter()
             .cloned()
             .collect();
-        let changed: Vec<Option<Vec<u8>>> = cookies
-            .iter()
-            .map(|c| crate::headers::secure_session_cookie(c.as_bytes()))
-            .collect();
-        if changed.iter().any(Option::is_some) {
-            resp.remove_header(&header::SET_COOKIE);
-            for (old, new) in cookies.into_iter().zip(changed) {
-                let value = match new {
-                    Some(v) => http::HeaderValue::from_bytes(&v).unwrap_or(old),
-                    None => old,
-                };
-                resp.append_header(header::SET_COOKIE, value)?;
-            }
+        self.remove_header(&header::SET_COOKIE);
+        for (old, new) in cookies.into_iter().zip(changed) {
+            let value = match new {
+                Some(v) => http::HeaderValue::from_bytes(&v).unwrap_or(old),
+                None => old,
+            };
+            self.append_header(header::SET_COOKIE, value)?;
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The class of a request (and whether its body decides it), from its head and, once read,
@@ -986,7 +1038,13 @@ impl ProxyHttp for ErpGate {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        answer_headers(session.req_header().version, resp, ctx)
+        // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
+        if session.req_header().version == http::Version::HTTP_11
+            && resp.version == http::Version::HTTP_10
+        {
+            resp.set_version(http::Version::HTTP_11);
+        }
+        answer_headers(resp, ctx)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -1167,28 +1225,21 @@ pub(crate) fn forward_headers(
     })
 }
 
-/// Odoo's answer as it goes to the client (`version`: the client's HTTP version): the request
-/// id, the affinity cookie, the class's security headers.
-pub(crate) fn answer_headers(
-    version: http::Version,
-    resp: &mut ResponseHeader,
-    ctx: &mut Ctx,
-) -> Result<()> {
-    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.ws_open {
+/// Odoo's answer as it goes to the client: the request id, the affinity cookie, the class's
+/// security headers.
+pub(crate) fn answer_headers(resp: &mut impl AnswerFields, ctx: &mut Ctx) -> Result<()> {
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.ws_open {
         if let Some(m) = crate::metrics::get() {
             m.websockets.with_label_values(&[ctx.class_name()]).inc();
             ctx.ws_open = true;
         }
     }
-    // Odoo's HTTP workers answer HTTP/1.0; the client is answered in its own version.
-    if version == http::Version::HTTP_11 && resp.version == http::Version::HTTP_10 {
-        resp.set_version(http::Version::HTTP_11);
-    }
-    resp.insert_header(X_REQUEST_ID_NAME, ctx.request_id.as_str())?;
+    resp.set_text(X_REQUEST_ID_NAME, ctx.request_id.as_str())?;
     if let Some(class) = ctx.class(&ctx.cfg) {
         if let (Some(cookie), Some(server)) = (&ctx.cfg.pools[class.pool].affinity, &ctx.server) {
-            if let Some(pin) = crate::affinity::pin_for(resp, cookie, server.id, ctx.https) {
-                resp.append_header(header::SET_COOKIE, pin)?;
+            let pin = crate::affinity::pin_for(resp.cookies(), cookie, server.id, ctx.https);
+            if let Some(pin) = pin {
+                resp.add_cookie(pin)?;
             }
         }
         let default_hsts = ctx.cfg.tls.as_ref().and_then(|t| t.hsts.as_ref());
