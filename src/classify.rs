@@ -83,6 +83,7 @@ impl HostPattern {
 }
 
 impl Cond {
+    #[inline]
     fn matches(&self, r: &RequestFacts<'_>) -> bool {
         match self {
             Cond::Path(p) => r.path == p,
@@ -251,11 +252,14 @@ impl std::fmt::Display for Alternative {
 /// (invalid UTF-8 replaced), runs of `/` merged, `.` and `..` segments resolved.
 /// Borrows when nothing needs changing (the common case).
 pub fn normalize_path(raw: &str) -> Cow<'_, str> {
-    let needs = !raw.starts_with('/')
-        || raw.contains('%')
-        || raw.contains("//")
-        || raw.contains("/.")
-        || raw.contains('\\');
+    // One pass: a `%`, a `\\`, or a `/` followed by `/` or `.`.
+    let b = raw.as_bytes();
+    let needs = b.first() != Some(&b'/')
+        || b.iter().enumerate().any(|(i, &c)| match c {
+            b'%' | b'\\' => true,
+            b'/' => matches!(b.get(i + 1), Some(b'/' | b'.')),
+            _ => false,
+        });
     if !needs {
         return Cow::Borrowed(raw);
     }

@@ -704,15 +704,15 @@ impl proxy::AnswerFields for Answer<'_> {
         self.put(name, value.as_bytes())
     }
 
-    fn set_text(&mut self, name: http::HeaderName, value: &str) -> Result<()> {
+    fn set_bytes(&mut self, name: http::HeaderName, value: &[u8]) -> Result<()> {
         // As a header map would refuse it.
-        if !valid_value(value.as_bytes()) {
+        if !valid_value(value) {
             return Err(Error::explain(
                 ErrorType::InvalidHTTPHeader,
                 "invalid header value",
             ));
         }
-        self.put(name, value.as_bytes())
+        self.put(name, value)
     }
 
     fn cookies(&self) -> impl Iterator<Item = &[u8]> {
@@ -1189,7 +1189,7 @@ mod tests {
             cookies: odoo.iter().map(|c| Cow::Borrowed(*c)).collect(),
         };
         answer
-            .set_text(http::HeaderName::from_static("x-request-id"), "0123")
+            .set_bytes(http::HeaderName::from_static("x-request-id"), b"0123")
             .expect("request id");
         let policy = http::HeaderValue::from_static("same-origin");
         answer
@@ -1197,12 +1197,12 @@ mod tests {
             .expect("policy");
         // A field set again has its new value only, where a header map would.
         answer
-            .set_text(http::HeaderName::from_static("x-request-id"), "4567")
+            .set_bytes(http::HeaderName::from_static("x-request-id"), b"4567")
             .expect("again");
         assert!(answer.sets("Referrer-Policy") && answer.sets("x-request-id"));
         assert!(!answer.sets("referrer"));
         // A value no header map takes is refused, and nothing of it written.
-        assert!(answer.set_text(header::SERVER, "a\r\nb").is_err());
+        assert!(answer.set_bytes(header::SERVER, b"a\r\nb").is_err());
         answer.add_cookie("pin=2".into()).expect("pin");
         answer
             .change_cookies(vec![
@@ -1231,9 +1231,9 @@ mod tests {
         };
         for i in 0..SET_ANSWER_FIELDS {
             let name = http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).expect("name");
-            answer.set_text(name, "v").expect("room");
+            answer.set_bytes(name, b"v").expect("room");
         }
-        assert!(answer.set_text(header::SERVER, "v").is_err());
+        assert!(answer.set_bytes(header::SERVER, b"v").is_err());
     }
 
     #[test]

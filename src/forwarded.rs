@@ -186,8 +186,17 @@ impl RequestId {
         }
     }
 
+    /// [`RequestId::as_str`]'s bytes, without checking again that they are UTF-8.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::None => b"",
+            RequestId::Made(digits) => digits,
+            RequestId::Given(id) => id.as_bytes(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.as_str().is_empty()
+        self.as_bytes().is_empty()
     }
 }
 

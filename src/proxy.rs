@@ -496,8 +496,8 @@ pub(crate) trait AnswerFields {
     /// Sets erpgate's field `name`, in place of any of Odoo's.
     fn set(&mut self, name: http::HeaderName, value: &http::HeaderValue) -> Result<()>;
 
-    /// [`AnswerFields::set`] with a value that is text.
-    fn set_text(&mut self, name: http::HeaderName, value: &str) -> Result<()>;
+    /// [`AnswerFields::set`] with a value given as bytes (refused unless a valid value).
+    fn set_bytes(&mut self, name: http::HeaderName, value: &[u8]) -> Result<()>;
 
     /// The `Set-Cookie` values, in their order.
     fn cookies(&self) -> impl Iterator<Item = &[u8]>;
@@ -519,7 +519,9 @@ impl AnswerFields for ResponseHeader {
         self.insert_header(name, value.clone())
     }
 
-    fn set_text(&mut self, name: http::HeaderName, value: &str) -> Result<()> {
+    fn set_bytes(&mut self, name: http::HeaderName, value: &[u8]) -> Result<()> {
+        let value = http::HeaderValue::from_bytes(value)
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "header value", e))?;
         self.insert_header(name, value)
     }
 
@@ -561,10 +563,15 @@ fn classify_request(
     jsonrpc: Option<&Service>,
 ) -> (Option<(usize, Option<usize>)>, bool) {
     let path = normalize_path(req.uri.path());
-    let host = request_host(
-        req.uri.host(),
-        req.headers.get(header::HOST).map(|v| v.as_bytes()),
-    );
+    // Found only for a `host` condition (a rate limit keyed by host finds its own).
+    let host = if cfg.classes_match_host {
+        request_host(
+            req.uri.host(),
+            req.headers.get(header::HOST).map(|v| v.as_bytes()),
+        )
+    } else {
+        None
+    };
     let facts = RequestFacts {
         method: &req.method,
         path: &path,
@@ -1220,9 +1227,7 @@ pub(crate) fn forward_headers(
             None => w.write_all(b"localhost"),
         },
     })?;
-    up.set(X_REQUEST_ID, |w| {
-        w.write_all(ctx.request_id.as_str().as_bytes())
-    })
+    up.set(X_REQUEST_ID, |w| w.write_all(ctx.request_id.as_bytes()))
 }
 
 /// Odoo's answer as it goes to the client: the request id, the affinity cookie, the class's
@@ -1234,7 +1239,7 @@ pub(crate) fn answer_headers(resp: &mut impl AnswerFields, ctx: &mut Ctx) -> Res
             ctx.ws_open = true;
         }
     }
-    resp.set_text(X_REQUEST_ID_NAME, ctx.request_id.as_str())?;
+    resp.set_bytes(X_REQUEST_ID_NAME, ctx.request_id.as_bytes())?;
     if let Some(class) = ctx.class(&ctx.cfg) {
         if let (Some(cookie), Some(server)) = (&ctx.cfg.pools[class.pool].affinity, &ctx.server) {
             let pin = crate::affinity::pin_for(resp.cookies(), cookie, server.id, ctx.https);

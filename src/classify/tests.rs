@@ -118,6 +118,22 @@ fn normalize_path_forms() {
     assert_eq!(normalize_path("/trail%"), "/trail%");
     assert_eq!(normalize_path("/%ff"), "/\u{fffd}");
     assert_eq!(normalize_path("*"), "/*");
+    assert_eq!(normalize_path("/a\\..\\b"), "/b");
+    assert_eq!(normalize_path("/a/."), "/a/");
+    assert_eq!(normalize_path("/a/b//"), "/a/b/");
+    // Paths with nothing to change are borrowed; any of the marks makes a new one.
+    for clean in [
+        "/",
+        "/web/login",
+        "/a.b/c.d",
+        "/web/static/x.js",
+        "/a-b_c~d",
+    ] {
+        assert!(matches!(normalize_path(clean), Cow::Borrowed(_)), "{clean}");
+    }
+    for marked in ["/a%41", "/a\\b", "/a//b", "/a/.b", "//", "a/b", ""] {
+        assert!(matches!(normalize_path(marked), Cow::Owned(_)), "{marked}");
+    }
 }
 
 #[test]

@@ -133,7 +133,13 @@ impl Compiler<'_> {
                 "a class has `audit = true`: [audit] path is needed",
             );
         }
+        let classes_match_host = classes.iter().any(|c| {
+            c.alternatives
+                .iter()
+                .any(|a| a.conds.iter().any(|c| matches!(c, Cond::Host(_))))
+        });
         Some(Config {
+            classes_match_host,
             source: self.file.to_string(),
             source_hash: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(self.text.as_bytes())),
             listen: listen?,

@@ -80,6 +80,8 @@ pub struct Config {
     pub log: LogSettings,
     pub pools: Vec<Pool>,
     pub classes: Vec<Class>,
+    /// Some class's `match` has a `host` condition: the request's host is needed to classify.
+    pub classes_match_host: bool,
     /// Where audited classes' requests are appended as JSON lines.
     pub audit_path: Option<std::path::PathBuf>,
     pub tls: Option<Tls>,

@@ -604,3 +604,22 @@ fn maintenance_windows_are_compiled_and_switch_on_and_off_by_time() {
         assert!(has(&errs, needle), "{needle}: {errs:#?}");
     }
 }
+
+#[test]
+fn a_host_condition_in_any_class_makes_classification_read_the_host() {
+    let plain = parse(MINIMAL, "t.toml", None).expect("valid");
+    assert!(!plain.classes_match_host);
+    let default = parse(
+        include_str!("../../../config/erpgate.toml"),
+        "erpgate.toml",
+        None,
+    )
+    .expect("valid");
+    assert!(!default.classes_match_host);
+    let by_host = MINIMAL.replace(
+        "[[class]]\nname = \"user\"",
+        "[[class]]\nname = \"portal\"\npool = \"web\"\nmatch = [{ path_prefix = \"/my\" }, { host = \"portal.example.com\" }]\n\n[[class]]\nname = \"user\"",
+    );
+    let cfg = parse(&by_host, "t.toml", None).expect("valid");
+    assert!(cfg.classes_match_host);
+}
