@@ -118,28 +118,36 @@ impl Fields<'_> {
                 timestamp(now, out);
                 out.extend_from_slice(b"  INFO erpgate::access: client=");
                 self.client.put(out);
-                out.extend_from_slice(b" method=");
-                out.extend_from_slice(self.method.as_bytes());
-                out.extend_from_slice(b" path=");
-                out.extend_from_slice(self.path.as_bytes());
+                for (key, value) in [(&b" method="[..], self.method), (b" path=", self.path)] {
+                    out.extend_from_slice(key);
+                    out.extend_from_slice(value.as_bytes());
+                }
                 out.extend_from_slice(b" status=");
                 number(out, self.status);
-                out.extend_from_slice(b" class=");
-                quoted(out, self.class);
-                out.extend_from_slice(b" pool=");
-                quoted(out, self.pool);
-                out.extend_from_slice(b" upstream=");
-                quoted(out, self.upstream);
-                out.extend_from_slice(b" bytes_in=");
-                number(out, self.bytes_in);
-                out.extend_from_slice(b" bytes_out=");
-                number(out, self.bytes_out);
+                for (key, value) in [
+                    (&b" class="[..], self.class),
+                    (b" pool=", self.pool),
+                    (b" upstream=", self.upstream),
+                ] {
+                    out.extend_from_slice(key);
+                    quoted(out, value);
+                }
+                for (key, n) in [
+                    (&b" bytes_in="[..], self.bytes_in),
+                    (b" bytes_out=", self.bytes_out),
+                ] {
+                    out.extend_from_slice(key);
+                    number(out, n);
+                }
                 out.extend_from_slice(b" duration_ms=");
                 self.duration.put(out);
-                out.extend_from_slice(b" request_id=");
-                quoted(out, self.request_id);
-                out.extend_from_slice(b" error=");
-                quoted(out, self.error);
+                for (key, value) in [
+                    (&b" request_id="[..], self.request_id),
+                    (b" error=", self.error),
+                ] {
+                    out.extend_from_slice(key);
+                    quoted(out, value);
+                }
                 out.push(b'\n');
             }
             LogFormat::Json => {
@@ -152,13 +160,20 @@ impl Fields<'_> {
                 json_str(out, "path", self.path);
                 out.extend_from_slice(b",\"status\":");
                 number(out, self.status);
-                json_str(out, "class", self.class);
-                json_str(out, "pool", self.pool);
-                json_str(out, "upstream", self.upstream);
-                out.extend_from_slice(b",\"bytes_in\":");
-                number(out, self.bytes_in);
-                out.extend_from_slice(b",\"bytes_out\":");
-                number(out, self.bytes_out);
+                for (key, value) in [
+                    ("class", self.class),
+                    ("pool", self.pool),
+                    ("upstream", self.upstream),
+                ] {
+                    json_str(out, key, value);
+                }
+                for (key, n) in [
+                    (&b",\"bytes_in\":"[..], self.bytes_in),
+                    (b",\"bytes_out\":", self.bytes_out),
+                ] {
+                    out.extend_from_slice(key);
+                    number(out, n);
+                }
                 out.extend_from_slice(b",\"duration_ms\":\"");
                 self.duration.put(out);
                 out.push(b'"');
