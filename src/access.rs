@@ -190,12 +190,21 @@ fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// The bytes `{:?}` writes as they are in a string: printable ASCII but `"` and `\\`.
+const PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut b = b' ';
+    while b <= b'~' {
+        plain[b as usize] = b != b'"' && b != b'\\';
+        b += 1;
+    }
+    plain
+};
+
 /// `s` as `{:?}` writes it: in double quotes, escaped. Most values (class and pool names,
 /// addresses, request ids) need no escape and are copied as they are.
 fn quoted(out: &mut Vec<u8>, s: &str) {
-    if s.bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-    {
+    if s.bytes().all(|b| PLAIN[usize::from(b)]) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
@@ -258,9 +267,13 @@ impl Millis {
         padded(out, (micros % 1000) as u32, 3);
     }
 
-    /// Rounded to the nearest microsecond.
-    fn micros(self) -> u128 {
-        (self.0.as_nanos() + 500) / 1000
+    /// Rounded to the nearest microsecond (in `u64`: `u128` division is slow).
+    fn micros(self) -> u64 {
+        let fraction = (u64::from(self.0.subsec_nanos()) + 500) / 1000;
+        self.0
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(fraction)
     }
 }
 
@@ -285,23 +298,14 @@ fn json_str(out: &mut Vec<u8>, key: &str, value: &str) {
 struct Client(Option<std::net::IpAddr>);
 
 impl Client {
-    /// As `Display` writes it, IPv4 addresses without `core::fmt`.
+    /// As `Display` writes it (IPv4 addresses without `core::fmt`).
     fn put(self, out: &mut Vec<u8>) {
-        match self.0 {
-            Some(std::net::IpAddr::V4(ip)) => {
-                let [a, b, c, d] = ip.octets();
-                number(out, a);
-                for n in [b, c, d] {
-                    out.push(b'.');
-                    number(out, n);
-                }
-            }
-            _ => {
-                use std::io::Write;
-                // Writing to a Vec does not fail.
-                let _ = write!(out, "{self}");
-            }
-        }
+        use std::io::Write;
+        // Writing to a Vec does not fail.
+        let _ = match self.0 {
+            Some(ip) => crate::forwarded::write_ip(ip, out),
+            None => out.write_all(b"-"),
+        };
     }
 }
 
@@ -427,6 +431,16 @@ mod tests {
         lines[2].format(LogFormat::Human, std::time::SystemTime::now(), &mut last);
         let last = String::from_utf8(last).unwrap();
         assert!(last.contains(" duration_ms=1.000 "), "{last}");
+        for (d, text) in [
+            (std::time::Duration::new(1, 999_999_600), "2000.000"),
+            (std::time::Duration::new(61, 2_499_999), "61002.500"),
+            (std::time::Duration::from_nanos(499), "0.000"),
+        ] {
+            let mut out = Vec::new();
+            Millis(d).put(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+            assert_eq!(Millis(d).to_string(), text);
+        }
         assert!(last.contains(" class=\"tab\\there\" "), "{last}");
     }
 
