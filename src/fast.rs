@@ -349,11 +349,7 @@ impl Client for Downstream {
             self.keepalive = false;
         }
         let mut out = BytesMut::with_capacity(512 + body.len());
-        let reason = resp
-            .get_reason_phrase()
-            .or(resp.status.canonical_reason())
-            .unwrap_or("");
-        status_line(resp.status, reason, &mut out);
+        status_line(resp.status, resp.get_reason_phrase(), &mut out);
         self.own_fields(resp.status, &mut out);
         resp.header_to_h1_wire(&mut out);
         out.put_slice(b"\r\n");
@@ -644,11 +640,12 @@ fn valid_value(v: &[u8]) -> bool {
     v.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
 }
 
-/// `HTTP/1.1 <status> <reason>` and its line end.
-fn status_line(status: http::StatusCode, reason: &str, out: &mut BytesMut) {
+/// `HTTP/1.1 <status> <reason>` and its line end: the reason given, else the status's own.
+fn status_line(status: http::StatusCode, reason: Option<&str>, out: &mut BytesMut) {
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(status.as_str().as_bytes());
     out.put_u8(b' ');
+    let reason = reason.or(status.canonical_reason()).unwrap_or("");
     out.put_slice(reason.as_bytes());
     out.put_slice(b"\r\n");
 }
@@ -678,11 +675,12 @@ impl Answer<'_> {
     fn put(&mut self, name: http::HeaderName, value: &[u8]) -> Result<()> {
         if self.sets(name.as_str()) {
             // Set again: the new value replaces the old, as in a header map.
+            let prefix = name.as_str().as_bytes();
             let mut kept = BytesMut::with_capacity(self.ours.len());
             for line in self.ours.split_inclusive(|&b| b == b'\n') {
-                let named = line.len() > name.as_str().len()
-                    && line[..name.as_str().len()].eq_ignore_ascii_case(name.as_str().as_bytes())
-                    && line[name.as_str().len()] == b':';
+                let named = line.len() > prefix.len()
+                    && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+                    && line[prefix.len()] == b':';
                 if !named {
                     kept.put_slice(line);
                 }
@@ -815,11 +813,7 @@ async fn read_answer_head(
                 client.keepalive = false;
             }
             proxy::answer_headers(&mut answer, ctx)?;
-            let reason = parsed
-                .reason
-                .or(answer.status.canonical_reason())
-                .unwrap_or("");
-            status_line(answer.status, reason, out);
+            status_line(answer.status, parsed.reason, out);
             let rechunked = framing == Framing::Close;
             for h in parsed.headers.iter() {
                 let skip = ["set-cookie", "date", "connection"]
