@@ -253,3 +253,38 @@ rate_limit = {{ key = "client_ip", rate = "1/h", burst = 2 }}
     let line = gw.wait_log_line(&["status=429", "class=\"user\""]);
     assert!(line.contains("client=127.0.0.1"), "{line}");
 }
+
+/// A class chosen by the request's host (the host is found only when a class asks for it):
+/// its allowlist holds for every port and letter case of that host, and other hosts go on.
+#[test]
+fn a_class_matched_by_host_takes_that_hosts_requests_only() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&format!(
+        r#"
+[pools.web]
+servers = [{{ address = "{web}" }}]
+
+[[class]]
+name = "portal"
+match = [{{ host = "*.portal.example" }}]
+pool = "web"
+allow = ["10.0.0.0/8"]
+
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        web = fake.web_addr(),
+    ));
+    let with_host = |host: &str| {
+        let raw = format!("GET /my/invoices HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        send_raw(gw.http, raw.as_bytes()).status
+    };
+    for host in ["shop.portal.example", "Shop.Portal.Example:8080"] {
+        assert_eq!(with_host(host), 403, "{host}");
+    }
+    assert!(fake.requests().is_empty(), "a refused request reached Odoo");
+    assert_eq!(with_host("erp.example.com"), 200);
+    assert_eq!(with_host("portal.example"), 200);
+    assert_eq!(fake.wait_for_requests(2, Duration::from_secs(5)).len(), 2);
+}
