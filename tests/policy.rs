@@ -41,6 +41,14 @@ pool = "web"
     )
 }
 
+/// `[pools.web]` with the fake's web port as its one server.
+fn web_pool(fake: &FakeOdoo) -> String {
+    format!(
+        "\n[pools.web]\nservers = [{{ address = \"{}\" }}]\n",
+        fake.web_addr()
+    )
+}
+
 #[test]
 fn admin_paths_are_refused_to_clients_outside_the_allowlist_even_with_a_forged_header() {
     let fake = FakeOdoo::start();
@@ -200,10 +208,7 @@ fn an_unwritable_audit_log_does_not_block_traffic() {
 fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     let fake = FakeOdoo::start();
     let gw = Erpgate::start(&format!(
-        r#"
-[pools.web]
-servers = [{{ address = "{web}" }}]
-
+        r#"{pool}
 [[class]]
 name = "integration"
 match = {{ path_prefix = "/xmlrpc/" }}
@@ -215,7 +220,7 @@ name = "user"
 pool = "web"
 rate_limit = {{ key = "client_ip", rate = "1/h", burst = 2 }}
 "#,
-        web = fake.web_addr()
+        pool = web_pool(&fake)
     ));
     let call = |key: &str| {
         request(
@@ -260,10 +265,7 @@ rate_limit = {{ key = "client_ip", rate = "1/h", burst = 2 }}
 fn a_class_matched_by_host_takes_that_hosts_requests_only() {
     let fake = FakeOdoo::start();
     let gw = Erpgate::start(&format!(
-        r#"
-[pools.web]
-servers = [{{ address = "{web}" }}]
-
+        r#"{pool}
 [[class]]
 name = "portal"
 match = [{{ host = "*.portal.example" }}]
@@ -274,7 +276,7 @@ allow = ["10.0.0.0/8"]
 name = "user"
 pool = "web"
 "#,
-        web = fake.web_addr(),
+        pool = web_pool(&fake),
     ));
     let with_host = |host: &str| {
         let raw = format!("GET /my/invoices HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
