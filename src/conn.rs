@@ -188,7 +188,7 @@ async fn wait(
     stop: Pin<&mut impl Future>,
     fresh: bool,
 ) -> bool {
-    let read = tokio::time::timeout(idle, read);
+    let read = crate::deadline::within(idle, read);
     let got = |r: Result<std::io::Result<usize>, _>| matches!(r, Ok(Ok(_)));
     if fresh {
         got(read.await)
@@ -359,14 +359,18 @@ thread_local! {
 /// after `keepalive_timeout`) comes after it, and the loop is left alone; it costs one wake
 /// a second.
 ///
-/// Each tick also notes the time for [`about_now`].
+/// Each tick also notes the time for [`about_now`], and ends the waits whose limits are kept
+/// to the second ([`crate::deadline`]).
 fn keep_a_timer() {
-    tokio::spawn(async {
+    let ticking = crate::deadline::ticking();
+    tokio::spawn(async move {
+        let _ticking = ticking;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             TICKED.set(Some(Instant::now()));
+            crate::deadline::tick(tokio::time::Instant::now());
         }
     });
 }

@@ -19,6 +19,9 @@
 //! the first read, pipelined requests) goes to Pingora's proxy as before.
 
 use crate::config::Timeouts;
+// Each wait on the client or on Odoo has a limit: a limit of seconds (all of the defaults)
+// is kept on the thread's one-second tick rather than in the runtime's timer.
+use crate::deadline::within;
 use crate::proxy::{self, Client, Ctx, ErpGate, Prefix, Sent};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header;
@@ -30,7 +33,6 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -449,26 +451,9 @@ fn downstream(mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// `io` within `limit`. The timer is set only when `io` does not finish at once (a write to a
-/// socket with room, a read of bytes already there): setting one reads the clock (clock reads
-/// were 5.4 % of erpgate's user time, 4.1 % once writes stopped setting one). It is the
-/// thread's own runtime's timer: pingora-timeout's is one for all threads (a lock, a shared
-/// `Notify` per 10 ms and a B-tree lookup for each timer), and cost 670 more instructions a
-/// request (callgrind, 25,680 against 25,010).
-async fn within<F: Future>(
-    limit: Duration,
-    io: F,
-) -> std::result::Result<F::Output, tokio::time::error::Elapsed> {
-    let mut io = std::pin::pin!(io);
-    if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
-        return Ok(done);
-    }
-    tokio::time::timeout(limit, io).await
-}
-
 /// A new connection to an Odoo server, within `limit` (the WebSocket relay's too).
 pub(crate) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream> {
-    let conn = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+    let conn = match within(limit, TcpStream::connect(addr)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let kind = match e.kind() {

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod classify;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod dns;
 pub mod errors;
 pub mod fast;

@@ -284,6 +284,62 @@ timeouts = {{ connect = "1s" }}
     assert_eq!(r.status, 504);
 }
 
+/// Limits of seconds (here 5 s, as the default connect timeout) are kept on each thread's
+/// one-second tick rather than in the runtime's timer: they still end, never before they are
+/// due, and about a second after at most (3 s allowed here, for a busy machine).
+#[test]
+fn limits_of_seconds_end_on_the_tick_never_before_they_are_due() {
+    let fake = FakeOdoo::start();
+    let hole = Blackhole::start();
+    let gw = Erpgate::start(&format!(
+        r#"
+[server]
+keepalive_timeout = "5s"
+[pools.web]
+servers = [{{ address = "{web}" }}]
+[pools.silent]
+servers = [{{ address = "{hole}" }}]
+[[class]]
+name = "silent"
+match = {{ path_prefix = "/silent" }}
+pool = "silent"
+timeouts = {{ read = "5s" }}
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        web = fake.web_addr(),
+        hole = hole.addr()
+    ));
+    let http = gw.http;
+    // Odoo's answer, which never comes.
+    let silent = std::thread::spawn(move || {
+        let asked = std::time::Instant::now();
+        let r = get(http, "/silent/report");
+        (r.status, asked.elapsed())
+    });
+    // A keep-alive connection left idle after its request.
+    let mut idle = Conn::open(gw.http);
+    let r = idle.send(b"GET /web/login HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let waited = std::time::Instant::now();
+    assert!(
+        idle.closed_within(Duration::from_millis(4_800)).is_none(),
+        "closed before keepalive_timeout"
+    );
+    let closed = idle.closed_within(Duration::from_secs(4));
+    assert!(closed.is_some(), "still open 8.8 s after its request");
+    let idle_for = waited.elapsed();
+    assert!(
+        idle_for >= Duration::from_secs(5),
+        "closed after {idle_for:?}"
+    );
+    let (status, took) = silent.join().expect("request to the silent pool");
+    assert_eq!(status, 504);
+    assert!(took >= Duration::from_secs(5), "504 after {took:?}");
+    assert!(took < Duration::from_secs(8), "504 after {took:?}");
+}
+
 #[test]
 fn a_connect_failure_moves_even_a_post_to_the_next_server() {
     let fake = FakeOdoo::start();
