@@ -451,7 +451,8 @@ fn downstream(mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// A new connection to an Odoo server, within `limit` (the WebSocket relay's too).
+/// A new connection to an Odoo server, within `limit` (the WebSocket relay's too), with
+/// Nagle's algorithm on (see [`send_request`]).
 pub(crate) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream> {
     let conn = match within(limit, TcpStream::connect(addr)).await {
         Ok(Ok(conn)) => conn,
@@ -473,9 +474,27 @@ pub(crate) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStre
             )))
         }
     };
-    // Small heads both ways: no delay waiting for more to send.
-    let _ = conn.set_nodelay(true);
     Ok(conn)
+}
+
+/// The request to Odoo. Sent in one write, as all but large bodies are, it leaves at once
+/// whether Nagle's algorithm is on or not: nothing sent on the connection before is still
+/// unacknowledged (Odoo's answer to the previous request acknowledged it). So the connection
+/// keeps Nagle's algorithm, as nginx's connections to upstreams do, and a new connection to
+/// Odoo (one per request to Odoo's HTTP workers) needs no `setsockopt`. A request that takes
+/// more than one write turns it off before the rest, whose last part then does not wait for
+/// Odoo to acknowledge the part before.
+async fn send_request(odoo: &mut TcpStream, out: &[u8]) -> std::io::Result<()> {
+    let sent = match odoo.try_write(out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < out.len() {
+        odoo.set_nodelay(true)?;
+        odoo.write_all(&out[sent..]).await?;
+    }
+    Ok(())
 }
 
 /// How Odoo's answer body ends (RFC 9112, 6.3).
@@ -524,7 +543,7 @@ async fn exchange(
     put_client_fields(&mut out, req, &names[..count]);
     out.put_slice(b"\r\n");
     out.put_slice(&client.body);
-    match within(t.read, odoo.write_all(&out)).await {
+    match within(t.read, send_request(odoo, &out)).await {
         Ok(Ok(())) => {}
         // A kept-alive connection Odoo had closed: nothing of the request went anywhere.
         Ok(Err(e)) => {
@@ -1418,5 +1437,54 @@ mod tests {
         let serving = serve(&gate, stream, request(&head).expect("request"));
         let size = std::mem::size_of_val(&serving);
         assert!(size < 2600, "request state of {size} bytes");
+    }
+
+    /// A request sent in one write leaves Nagle's algorithm on; one the socket has no room
+    /// for turns it off before the rest, and arrives whole.
+    #[tokio::test]
+    async fn a_request_in_one_write_keeps_nagle_and_a_longer_one_turns_it_off() {
+        let server = tokio::net::TcpSocket::new_v4().expect("socket");
+        server.set_recv_buffer_size(4096).expect("rcvbuf");
+        server
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = server.listen(8).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let small = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let large: Vec<u8> = (0..2_000_000u32).map(|n| (n % 251) as u8).collect();
+        let expected = [small.clone(), large.clone()].concat();
+        let reader = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            // Nothing read for a while: the large request finds no room at first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let client = tokio::net::TcpSocket::new_v4().expect("socket");
+        client.set_send_buffer_size(4096).expect("sndbuf");
+        let mut odoo = client.connect(addr).await.expect("connect");
+        send_request(&mut odoo, &small)
+            .await
+            .expect("small request");
+        assert!(
+            !odoo.nodelay().expect("nodelay"),
+            "one write turned Nagle off"
+        );
+        send_request(&mut odoo, &large)
+            .await
+            .expect("large request");
+        assert!(
+            odoo.nodelay().expect("nodelay"),
+            "a long request kept Nagle on"
+        );
+        odoo.shutdown().await.expect("shutdown");
+        let got = reader.await.expect("reader");
+        assert!(
+            got == expected,
+            "{} bytes arrived of {}",
+            got.len(),
+            expected.len()
+        );
     }
 }

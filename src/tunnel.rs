@@ -255,7 +255,10 @@ async fn connect(peer: &HttpPeer) -> Result<TcpStream> {
         .options
         .connection_timeout
         .unwrap_or(Duration::from_secs(10));
-    crate::fast::connect(addr, limit).await
+    let conn = crate::fast::connect(addr, limit).await?;
+    // Small frames both ways, each to go at once.
+    let _ = conn.set_nodelay(true);
+    Ok(conn)
 }
 
 /// An open WebSocket: its two directions, and what is left of the request for its log.

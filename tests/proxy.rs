@@ -187,6 +187,55 @@ Forwarded: for=6.6.6.6\r\nX-Forwarded-Prefix: /evil\r\n\r\n"
     }
 }
 
+/// Bodies up to 64 KiB go to Odoo in erpgate's own loop: every byte arrives, in order, on new
+/// connections (the web port closes each) and on kept-alive ones (the gevent port). Here
+/// each request goes in one write; a unit test in `fast` covers a socket without the room.
+#[test]
+fn bodies_up_to_64_kib_reach_odoo_whole_on_new_and_kept_connections() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&format!(
+        r#"
+[pools.web]
+servers = [{{ address = "{web}" }}]
+[pools.gevent]
+servers = [{{ address = "{gevent}" }}]
+[[class]]
+name = "kept"
+match = {{ path_prefix = "/kept/" }}
+pool = "gevent"
+[[class]]
+name = "user"
+pool = "web"
+"#,
+        web = fake.web_addr(),
+        gevent = fake.gevent_addr()
+    ));
+    let mut sent = Vec::new();
+    for (i, path) in ["/web/dataset/call_kw", "/kept/call_kw"].iter().enumerate() {
+        for size in [1000, 20_000, 65_000] {
+            let body: Vec<u8> = (0..size).map(|n| b'a' + ((n * 7 + i) % 26) as u8).collect();
+            let r = request(gw.http, "POST", path, &[], Some(&body));
+            assert_eq!(r.status, 200, "{path} {size}: {}", r.body_str());
+            sent.push(body);
+        }
+    }
+    let got: Vec<Vec<u8>> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| !r.is_health_probe())
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(got.len(), sent.len());
+    for (g, s) in got.iter().zip(&sent) {
+        assert!(
+            g == s,
+            "a body of {} bytes arrived as {} bytes",
+            s.len(),
+            g.len()
+        );
+    }
+}
+
 #[test]
 fn an_oversized_body_gets_413_and_never_reaches_odoo() {
     let fake = FakeOdoo::start();
