@@ -178,6 +178,7 @@ impl pingora::listeners::TlsAccept for NoCallbacks {}
 /// Runs erpgate until it is stopped by a signal. Never returns.
 pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     let conf = server_conf(&cfg);
+    crate::conn::pin_threads(cfg.server.pin_threads);
     let http = cfg.listen.http.clone();
     let https = cfg.listen.https.clone();
     let admin = cfg.listen.admin;

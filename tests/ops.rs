@@ -574,3 +574,61 @@ fn sigterm_closes_open_websockets_with_a_close_frame() {
     exits_cleanly(&mut gw);
     assert!(gw.log().contains("closing 3 WebSocket(s)"), "{}", gw.log());
 }
+
+/// The CPUs the threads named `name` of process `pid` may run on, as the kernel lists them.
+fn threads_cpus(pid: u32, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn pin_threads_puts_each_proxy_thread_on_a_cpu_of_its_own() {
+    let odoo = FakeOdoo::start();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let body = "[server]\nthreads = 2\npin_threads = true\n".to_string() + &config(&odoo, "");
+    let gw = Erpgate::start(&body);
+    let unpinned = Erpgate::start(&("[server]\nthreads = 2\n".to_string() + &config(&odoo, "")));
+    // Each thread is pinned when it gets its first connection (a thread picked at random for
+    // each): after 24, both have had one but with odds of 1 in 8 million.
+    for gate in [&gw, &unpinned] {
+        for _ in 0..24 {
+            let mut c = Conn::open(gate.http);
+            assert_eq!(c.send(KEEP_ALIVE_GET).status, 200);
+        }
+    }
+    let pinned = threads_cpus(gw.pid(), "erpgate proxy");
+    assert_eq!(pinned.len(), 2, "proxy threads: {pinned:?}");
+    for set in &pinned {
+        assert!(
+            set.parse::<usize>().is_ok(),
+            "a proxy thread may run on {set}"
+        );
+    }
+    if cpus >= 2 {
+        assert_ne!(
+            pinned[0], pinned[1],
+            "both proxy threads on CPU {}",
+            pinned[0]
+        );
+    }
+    gw.wait_log_line(&["proxy thread 1 pinned to CPU"]);
+    // Without the setting the threads keep the whole set the process may run on.
+    let free = threads_cpus(unpinned.pid(), "erpgate proxy");
+    assert_eq!(free.len(), 2, "proxy threads: {free:?}");
+    let process = threads_cpus(unpinned.pid(), "erpgate");
+    assert!(
+        free.iter().all(|set| Some(set) == process.first()),
+        "{free:?} against the process's {process:?}"
+    );
+}

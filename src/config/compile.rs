@@ -316,6 +316,7 @@ impl Compiler<'_> {
                 "server.keepalive_timeout",
                 DEFAULT_KEEPALIVE_TIMEOUT,
             ),
+            pin_threads: s.pin_threads.unwrap_or(false),
         }
     }
 

@@ -85,6 +85,7 @@ pub struct Server {
     pub upgrade_sock: Option<Str>,
     pub max_request_header: Option<Str>,
     pub keepalive_timeout: Option<Str>,
+    pub pin_threads: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

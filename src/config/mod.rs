@@ -240,6 +240,8 @@ pub struct ServerSettings {
     /// How long a client connection may sit idle between requests (and how long the next
     /// request's head may take to arrive) before it is closed.
     pub keepalive_timeout: Duration,
+    /// Each proxy thread runs on one CPU of those erpgate may use (read at start only).
+    pub pin_threads: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

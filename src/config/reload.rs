@@ -210,6 +210,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.threads != new.server.threads {
         out.push("server.threads");
     }
+    if old.server.pin_threads != new.server.pin_threads {
+        out.push("server.pin_threads");
+    }
     if old.server.grace_period != new.server.grace_period
         || old.server.shutdown_timeout != new.server.shutdown_timeout
     {
