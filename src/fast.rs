@@ -22,6 +22,7 @@ use crate::config::Timeouts;
 // Each wait on the client or on Odoo has a limit: a limit of seconds (all of the defaults)
 // is kept on the thread's one-second tick rather than in the runtime's timer.
 use crate::deadline::within;
+use crate::headers::{Looked, Present};
 use crate::proxy::{self, Client, Ctx, ErpGate, Prefix, Sent};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header;
@@ -62,6 +63,8 @@ pub struct Request {
     body_len: u64,
     /// The start of the body: what came after the head.
     body: Bytes,
+    /// Which of the fields erpgate looks up it has.
+    present: Present,
 }
 
 /// The request in `head`, all that a client has sent so far, when it is one this path
@@ -81,12 +84,15 @@ pub fn request(head: &Bytes) -> Option<Request> {
     if !path.starts_with('/') || parsed.version != Some(1) || method == "CONNECT" {
         return None;
     }
-    if parsed.headers.iter().any(|h| {
-        ["transfer-encoding", "upgrade", "expect"]
+    let mut present = Present::NONE;
+    for h in parsed.headers.iter() {
+        if ["transfer-encoding", "upgrade", "expect"]
             .iter()
             .any(|n| h.name.eq_ignore_ascii_case(n))
-    }) {
-        return None;
+        {
+            return None;
+        }
+        present.note(h.name.as_bytes());
     }
     let body_len = body_length(parsed.headers)?;
     if body_len > MAX_BODY || (head.len() - len) as u64 > body_len {
@@ -114,6 +120,7 @@ pub fn request(head: &Bytes) -> Option<Request> {
         req,
         body_len,
         body: head.slice(len..),
+        present,
     })
 }
 
@@ -153,12 +160,16 @@ pub fn serve(
         req,
         body_len,
         body,
+        present,
     } = request;
-    let keepalive =
-        !crate::headers::tokens(&req, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
+    let keepalive = !present
+        .get_all(&req, Looked::Connection)
+        .flat_map(crate::headers::tokens_in)
+        .any(|t| t.eq_ignore_ascii_case(b"close"));
     let client = Downstream {
         stream,
         req,
+        present,
         answered: None,
         keepalive,
         body: BytesMut::from(body),
@@ -171,6 +182,7 @@ pub fn serve(
 
 async fn serve_client(gate: &ErpGate, mut client: Downstream) -> Option<Stream> {
     let mut ctx = gate.new_ctx();
+    ctx.fields = client.present;
     let (result, tries) = proxy(gate, &mut client, &mut ctx).await;
     let failure = result.err();
     if let Some(e) = &failure {
@@ -211,6 +223,8 @@ async fn serve_client(gate: &ErpGate, mut client: Downstream) -> Option<Stream> 
 struct Downstream {
     stream: Stream,
     req: RequestHeader,
+    /// Which of the fields erpgate looks up `req` has.
+    present: Present,
     /// The status of the answer whose head the client got.
     answered: Option<u16>,
     /// The connection may carry another request after this one.
@@ -540,7 +554,7 @@ async fn exchange(
     };
     proxy::forward_headers(req, local, &mut set, ctx)?;
     let Fields { names, count, .. } = set;
-    put_client_fields(&mut out, req, &names[..count]);
+    put_client_fields(&mut out, req, client.present, &names[..count]);
     out.put_slice(b"\r\n");
     out.put_slice(&client.body);
     match within(t.read, send_request(odoo, &out)).await {
@@ -619,8 +633,8 @@ impl proxy::UpstreamFields for Fields<'_> {
 /// The client's fields that go on to Odoo: all but those of its connection only and the
 /// `skipped` ones (set by erpgate). A function of its own, so that what it keeps is not part
 /// of the request's state.
-fn put_client_fields(out: &mut BytesMut, req: &RequestHeader, skipped: &[&str]) {
-    let hop_by_hop = crate::headers::HopByHop::of(req);
+fn put_client_fields(out: &mut BytesMut, req: &RequestHeader, present: Present, skipped: &[&str]) {
+    let hop_by_hop = crate::headers::HopByHop::noted(req, present);
     for (name, value) in req.headers.iter() {
         let n = name.as_str();
         if skipped.contains(&n) || hop_by_hop.is(n) {
@@ -1437,6 +1451,28 @@ mod tests {
         let serving = serve(&gate, stream, request(&head).expect("request"));
         let size = std::mem::size_of_val(&serving);
         assert!(size < 2600, "request state of {size} bytes");
+    }
+
+    /// The fields erpgate looks up are noted as the request is parsed, in any case.
+    #[test]
+    fn a_parsed_request_notes_which_looked_up_fields_it_has() {
+        let head = Bytes::from_static(
+            b"GET /web HTTP/1.1\r\nHost: x\r\nx-FORWARDED-for: 10.0.0.1\r\nConnection: close\r\n\r\n",
+        );
+        let r = request(&head).expect("request");
+        for (l, has) in [
+            (Looked::XForwardedFor, true),
+            (Looked::Connection, true),
+            (Looked::XRequestId, false),
+            (Looked::ContentLength, false),
+            (Looked::XForwardedProto, false),
+            (Looked::XForwardedHost, false),
+        ] {
+            assert_eq!(r.present.may_have(l), has, "{l:?}");
+        }
+        let head = Bytes::from_static(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
+        let r = request(&head).expect("request");
+        assert!(r.present.may_have(Looked::ContentLength));
     }
 
     /// A request sent in one write leaves Nagle's algorithm on; one the socket has no room

@@ -4,6 +4,90 @@
 use http::header::HeaderName;
 use pingora::http::RequestHeader;
 
+/// Request fields erpgate looks up in every request: most requests have none of them but
+/// `Connection` (a browser) or `Content-Length` (a body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Looked {
+    Connection,
+    ContentLength,
+    XForwardedFor,
+    XForwardedHost,
+    XForwardedProto,
+    XRequestId,
+}
+
+impl Looked {
+    pub const fn name(self) -> HeaderName {
+        match self {
+            Looked::Connection => http::header::CONNECTION,
+            Looked::ContentLength => http::header::CONTENT_LENGTH,
+            Looked::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
+            Looked::XForwardedHost => HeaderName::from_static("x-forwarded-host"),
+            Looked::XForwardedProto => HeaderName::from_static("x-forwarded-proto"),
+            Looked::XRequestId => HeaderName::from_static("x-request-id"),
+        }
+    }
+
+    /// The one whose name this is, in any case.
+    fn named(name: &[u8]) -> Option<Looked> {
+        let candidates: &[Looked] = match name.len() {
+            10 => &[Looked::Connection],
+            12 => &[Looked::XRequestId],
+            14 => &[Looked::ContentLength],
+            15 => &[Looked::XForwardedFor],
+            16 => &[Looked::XForwardedHost],
+            17 => &[Looked::XForwardedProto],
+            _ => return None,
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|l| l.name().as_str().as_bytes().eq_ignore_ascii_case(name))
+    }
+}
+
+/// Which of the [`Looked`] fields a request may have. erpgate's own path notes them in its one
+/// pass over the request's fields as it parses them, so looking up one the request does not
+/// have hashes nothing (each lookup hashed the name and probed the header map: about 130
+/// instructions, 7 of them for a request without any of these fields). [`Present::ANY`]
+/// where they were not noted (Pingora's path): every lookup is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present(u8);
+
+impl Present {
+    pub const ANY: Present = Present(u8::MAX);
+    pub const NONE: Present = Present(0);
+
+    /// Notes a field of the request by its name (in any case).
+    pub fn note(&mut self, name: &[u8]) {
+        if let Some(l) = Looked::named(name) {
+            self.0 |= 1 << l as u8;
+        }
+    }
+
+    pub fn may_have(self, l: Looked) -> bool {
+        self.0 & (1 << l as u8) != 0
+    }
+
+    /// The request's first `l` field.
+    pub fn get(self, req: &RequestHeader, l: Looked) -> Option<&http::HeaderValue> {
+        if self.may_have(l) {
+            req.headers.get(l.name())
+        } else {
+            None
+        }
+    }
+
+    /// The request's `l` fields.
+    pub fn get_all(self, req: &RequestHeader, l: Looked) -> impl DoubleEndedIterator<Item = &[u8]> {
+        self.may_have(l)
+            .then(|| req.headers.get_all(l.name()))
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_bytes())
+    }
+}
+
 /// Fields that concern one connection only, never passed on (RFC 9110, 7.6.1), besides those
 /// the client's `Connection` names.
 const HOP_BY_HOP: [&str; 10] = [
@@ -36,9 +120,12 @@ pub fn tokens(req: &RequestHeader, name: HeaderName) -> impl Iterator<Item = &[u
 pub fn tokens_of(
     values: http::header::GetAll<'_, http::HeaderValue>,
 ) -> impl Iterator<Item = &[u8]> {
-    values
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii))
+    values.into_iter().flat_map(|v| tokens_in(v.as_bytes()))
+}
+
+/// The comma-separated tokens of one field value, trimmed.
+pub fn tokens_in(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// Removes from `up`, the request as it goes to Odoo, the fields that concern the client's
@@ -65,6 +152,7 @@ const CONNECTION_TOKENS: usize = 8;
 /// (a lookup for each field was 5 % of the instructions of a browser's request).
 pub struct HopByHop<'a> {
     from: &'a RequestHeader,
+    present: Present,
     /// The `Connection` tokens once read; `None` inside when there are more than
     /// [`CONNECTION_TOKENS`] (read again for each field then).
     named: std::cell::OnceCell<Option<Tokens<'a>>>,
@@ -74,8 +162,14 @@ type Tokens<'a> = ([&'a [u8]; CONNECTION_TOKENS], usize);
 
 impl<'a> HopByHop<'a> {
     pub fn of(from: &'a RequestHeader) -> Self {
+        Self::noted(from, Present::ANY)
+    }
+
+    /// As [`HopByHop::of`], for a request whose [`Looked`] fields are noted in `present`.
+    pub fn noted(from: &'a RequestHeader, present: Present) -> Self {
         HopByHop {
             from,
+            present,
             named: std::cell::OnceCell::new(),
         }
     }
@@ -98,6 +192,9 @@ impl<'a> HopByHop<'a> {
 
     fn read(&self) -> Option<Tokens<'a>> {
         let mut named = ([&b""[..]; CONNECTION_TOKENS], 0);
+        if !self.present.may_have(Looked::Connection) {
+            return Some(named);
+        }
         for t in tokens(self.from, http::header::CONNECTION) {
             *named.0.get_mut(named.1)? = t;
             named.1 += 1;
@@ -138,6 +235,102 @@ pub fn secure_session_cookie(value: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LOOKED: [Looked; 6] = [
+        Looked::Connection,
+        Looked::ContentLength,
+        Looked::XForwardedFor,
+        Looked::XForwardedHost,
+        Looked::XForwardedProto,
+        Looked::XRequestId,
+    ];
+
+    fn noted(req: &RequestHeader) -> Present {
+        let mut present = Present::NONE;
+        for name in req.headers.keys() {
+            present.note(name.as_str().as_bytes());
+        }
+        present
+    }
+
+    #[test]
+    fn looked_fields_are_noted_by_name_in_any_case_and_no_other_field_is() {
+        for (i, l) in LOOKED.iter().enumerate() {
+            let mut present = Present::NONE;
+            present.note(l.name().as_str().to_ascii_uppercase().as_bytes());
+            for (j, other) in LOOKED.iter().enumerate() {
+                assert_eq!(present.may_have(*other), i == j, "{l:?} noted as {other:?}");
+            }
+        }
+        // Fields of the same lengths, and others.
+        let mut present = Present::NONE;
+        for name in [
+            "user-agent",
+            "x-requestid",
+            "cache-control",
+            "sec-fetch-dest",
+            "accept-language",
+            "x-forwarded-fo",
+            "x-forwarded-hostx",
+            "x-forwarded-proto2",
+            "host",
+            "",
+        ] {
+            present.note(name.as_bytes());
+        }
+        assert_eq!(present, Present::NONE);
+        assert!(LOOKED.iter().all(|l| Present::ANY.may_have(*l)));
+    }
+
+    /// A lookup through what was noted finds what the header map finds, for requests with
+    /// none, some and all of the fields, repeated or not.
+    #[test]
+    fn a_lookup_through_the_noted_fields_finds_what_the_map_finds() {
+        let fields: [&[(&str, &str)]; 4] = [
+            &[("Host", "erp"), ("User-Agent", "x")],
+            &[
+                ("Host", "erp"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("Connection", "close"),
+            ],
+            &[
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
+                ("X-FORWARDED-HOST", "erp.example.com"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Request-Id", "0123456789abcdef0123456789abcdef"),
+                ("Content-Length", "12"),
+                ("Connection", "keep-alive, x-custom"),
+            ],
+            &[],
+        ];
+        for set in fields {
+            let mut req = RequestHeader::build("GET", b"/", None).expect("request");
+            for (n, v) in set {
+                req.append_header(n.to_string(), *v).expect("field");
+            }
+            let present = noted(&req);
+            for l in LOOKED {
+                let name = l.name();
+                for p in [present, Present::ANY] {
+                    assert_eq!(p.get(&req, l), req.headers.get(&name), "{l:?} in {set:?}");
+                    let all: Vec<&[u8]> = p.get_all(&req, l).collect();
+                    let map: Vec<&[u8]> = req
+                        .headers
+                        .get_all(&name)
+                        .iter()
+                        .map(|v| v.as_bytes())
+                        .collect();
+                    assert_eq!(all, map, "{l:?} in {set:?}");
+                }
+            }
+            // The connection's own fields are the same either way.
+            let (noted, any) = (HopByHop::noted(&req, present), HopByHop::of(&req));
+            for name in ["x-custom", "user-agent", "keep-alive", "host"] {
+                assert_eq!(noted.is(name), any.is(name), "{name} in {set:?}");
+            }
+        }
+    }
 
     #[test]
     fn hop_by_hop_fields_are_the_standard_ones_and_those_connection_names() {

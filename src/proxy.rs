@@ -7,6 +7,7 @@ use crate::classify::{
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
+use crate::headers::Looked;
 use crate::jsonrpc::{Scanner, Service};
 use crate::policy::ratelimit::{KeySpec, Verdict};
 use arc_swap::ArcSwap;
@@ -29,8 +30,6 @@ const X_REQUEST_ID: &str = "x-request-id";
 /// time).
 const X_REQUEST_ID_NAME: header::HeaderName = header::HeaderName::from_static(X_REQUEST_ID);
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
 
 /// The proxy. Holds the config store; each request takes one snapshot of it.
 #[derive(Clone)]
@@ -166,6 +165,8 @@ pub struct Ctx {
     /// The client reached us over HTTPS: TLS on our listener, or `X-Forwarded-Proto: https`
     /// from a trusted proxy.
     https: bool,
+    /// Which of the fields erpgate looks up the request has, where its path noted them.
+    pub(crate) fields: crate::headers::Present,
 }
 
 /// The rest of a JSON-RPC body that was longer than what erpgate reads before choosing the
@@ -741,15 +742,13 @@ impl ErpGate {
         let cfg = ctx.cfg.clone();
         let peer = session.peer_ip();
         let req = session.req_header();
+        let present = ctx.fields;
         let fwd = forwarded::resolve(
             peer,
-            req.headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .map(|v| v.as_bytes()),
+            present.get_all(req, Looked::XForwardedFor),
             &cfg.network.trusted_proxies,
         );
-        ctx.request_id = match req.headers.get(X_REQUEST_ID_NAME) {
+        ctx.request_id = match present.get(req, Looked::XRequestId) {
             Some(v) if fwd.peer_trusted && forwarded::valid_request_id(v.as_bytes()) => {
                 forwarded::RequestId::given(v.as_bytes())
             }
@@ -757,14 +756,17 @@ impl ErpGate {
         };
         let too_big = head_size(req) > cfg.server.max_request_header;
         let (mut class, needs) = classify_request(&cfg, req, None);
-        let content_length = content_length(req);
+        let content_length = if present.may_have(Looked::ContentLength) {
+            content_length(req)
+        } else {
+            None
+        };
         let client = fwd.client;
         let tls = session.tls();
         ctx.https = tls
             || (fwd.peer_trusted
-                && req
-                    .headers
-                    .get(X_FORWARDED_PROTO)
+                && present
+                    .get(req, Looked::XForwardedProto)
                     .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https")));
         ctx.peer = peer;
         ctx.fwd = Some(fwd);
@@ -940,6 +942,7 @@ impl ProxyHttp for ErpGate {
             own_status: None,
             tail: None,
             https: false,
+            fields: crate::headers::Present::ANY,
             ws_open: false,
             handed_off: false,
         }
@@ -1196,7 +1199,7 @@ pub(crate) fn forward_headers(
     };
     let trusted = fwd.peer_trusted;
     let proto = if ctx.https { "https" } else { "http" };
-    let fhost = match req.headers.get(X_FORWARDED_HOST) {
+    let fhost = match ctx.fields.get(req, Looked::XForwardedHost) {
         Some(h) if trusted && !h.is_empty() => Some(h.as_bytes()),
         _ => req
             .headers
@@ -1210,13 +1213,7 @@ pub(crate) fn forward_headers(
         }
     }
     up.set("x-forwarded-for", |w| {
-        fwd.write_chain(
-            req.headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .map(|v| v.as_bytes()),
-            w,
-        )
+        fwd.write_chain(ctx.fields.get_all(req, Looked::XForwardedFor), w)
     })?;
     up.set("x-real-ip", |w| forwarded::write_ip(fwd.client, w))?;
     up.set("x-forwarded-proto", |w| w.write_all(proto.as_bytes()))?;
