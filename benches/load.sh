@@ -110,5 +110,55 @@ CONF
 }
 close_upstream_case
 
+# peers.sh runs every proxy with its threads free to move between CPUs. erpgate's
+# `pin_threads` puts each thread on a CPU of its own; nginx (`worker_cpu_affinity auto`) and
+# HAProxy (`cpu-map`) can do the same. Here all three are pinned: peers.sh's own configs
+# (log off) with that one setting added, in front of peers.sh's upstream, wrk -t1 -c64 10 s
+# after 1 s, 3 alternating rounds.
+pinned_case() {
+  local peers; peers="$(dirname "$PEERS_SH")/peers"
+  command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
+    && [[ -f $peers/nginx.conf ]] || { echo "pinned case: needs nginx, haproxy, wrk and $peers" >&2; return 0; }
+  local d pids=() r t
+  d=$(mktemp -d)
+  mkdir -p "$d/tmp"
+  sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" -e 's|127.0.0.1:18069|127.0.0.1:18369|' \
+      -e 's|127.0.0.1:18072|127.0.0.1:18372|' "$peers/upstream.conf" >"$d/up.conf"
+  sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" -e 's|127.0.0.1:18069|127.0.0.1:18369|' \
+      -e 's|127.0.0.1:18072|127.0.0.1:18372|' -e 's|127.0.0.1:18080|127.0.0.1:18381|' \
+      -e 's|^worker_processes 2;.*|worker_processes 2;\nworker_cpu_affinity auto;|' \
+      "$peers/nginx.conf" >"$d/nginx.conf"
+  sed -e '/#@log-on/d' -e 's|127.0.0.1:18069|127.0.0.1:18369|' -e 's|127.0.0.1:18072|127.0.0.1:18372|' \
+      -e 's|127.0.0.1:18080|127.0.0.1:18382|' \
+      -e 's|^\( *\)nbthread 2.*|\1nbthread 2\n\1cpu-map auto:1/1-2 0-1|' \
+      "$peers/haproxy.cfg" >"$d/haproxy.cfg"
+  sed -e 's|127.0.0.1:18080|127.0.0.1:18380|' -e 's|127.0.0.1:18901|127.0.0.1:18903|' \
+      -e 's|127.0.0.1:18069|127.0.0.1:18369|' -e 's|127.0.0.1:18072|127.0.0.1:18372|' \
+      -e 's|^\[server\]$|[server]\npin_threads = true|' \
+      "$OUT/erpgate-log-off.toml" >"$d/erpgate.toml"
+  grep -q '^worker_cpu_affinity' "$d/nginx.conf" && grep -q 'cpu-map' "$d/haproxy.cfg" \
+    && grep -q '^pin_threads = true' "$d/erpgate.toml" || { echo "pinned case: configs not as expected" >&2; rm -rf "$d"; return 0; }
+  nginx -p "$d" -c "$d/up.conf" >/dev/null 2>&1 & pids+=($!)
+  nginx -p "$d" -c "$d/nginx.conf" >/dev/null 2>&1 & pids+=($!)
+  haproxy -db -f "$d/haproxy.cfg" >/dev/null 2>&1 & pids+=($!)
+  "$BIN" run --config "$d/erpgate.toml" >/dev/null 2>&1 & pids+=($!)
+  for t in 18381 18382 18380; do
+    for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$t/web/login" && break; sleep 0.1; done
+  done
+  echo "each proxy's threads pinned to CPUs (wrk -t1 -c64 -d10s):"
+  for r in 1 2 3; do
+    for t in nginx:18381 haproxy:18382 erpgate:18380; do
+      wrk -t1 -c64 -d1s "http://127.0.0.1:${t##*:}/web/login" >/dev/null 2>&1
+      printf '%-8s round %s: ' "${t%%:*}" "$r"
+      wrk -t1 -c64 -d10s --latency "http://127.0.0.1:${t##*:}/web/login" 2>&1 \
+        | awk '/Requests\/sec/ {rps=$2} / 99%/ {p99=$2} END {print rps " req/s, p99 " p99}'
+    done
+  done
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$d"
+}
+pinned_case
+
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # the bench holds 10,000 sockets at once
 cargo bench --bench idle_memory
