@@ -93,7 +93,8 @@ struct Slot {
     /// The thread whose list holds it ([`List::id`]).
     thread: u32,
     index: u32,
-    /// The slot's use: another number there means this deadline has passed.
+    /// The slot's use (each use of any slot of the list has its own number): another
+    /// number there, or no slot there, means this deadline has passed.
     turn: u32,
     at: Instant,
 }
@@ -116,14 +117,17 @@ impl Slot {
                     u32::try_from(list.slots.len() - 1).ok()?
                 }
             };
+            let turn = list.next_turn;
             let entry = list.slots.get_mut(index as usize)?;
             entry.at = at;
             entry.waker = Some(Waker::noop().clone());
+            entry.turn = turn;
+            list.next_turn = turn.wrapping_add(1);
             list.live += 1;
             Some(Slot {
                 thread: list.id,
                 index,
-                turn: entry.turn,
+                turn,
                 at,
             })
         })
@@ -137,7 +141,7 @@ impl Slot {
                 return None;
             }
             let entry = match list.slots.get_mut(self.index as usize) {
-                Some(e) if e.turn == self.turn => e,
+                Some(e) if e.turn == self.turn && e.waker.is_some() => e,
                 _ => return Some(Poll::Ready(())),
             };
             match &mut entry.waker {
@@ -185,6 +189,8 @@ struct List {
     slots: Vec<Entry>,
     free: Vec<u32>,
     live: usize,
+    /// The number of the next use of a slot.
+    next_turn: u32,
 }
 
 impl List {
@@ -196,7 +202,21 @@ impl List {
             self.live -= 1;
         }
     }
+
+    /// With no deadline waiting, the slots of a busy time are given back (10,000 idle
+    /// connections left 400 KiB behind), and the next ones start a short list. A wait that
+    /// has passed may still hold its slot's number; no slot there, or one with another
+    /// number, tells it so.
+    fn shrink_if_empty(&mut self) {
+        if self.live == 0 && self.slots.capacity() > KEPT_SLOTS {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
+    }
 }
+
+/// Slots a list keeps when none is in use.
+const KEPT_SLOTS: usize = 64;
 
 static NEXT_LIST: AtomicU32 = AtomicU32::new(0);
 
@@ -207,6 +227,7 @@ thread_local! {
         slots: Vec::new(),
         free: Vec::new(),
         live: 0,
+        next_turn: 0,
     });
 }
 
@@ -242,6 +263,7 @@ pub fn tick(now: Instant) {
     let mut passed = Vec::new();
     LIST.with_borrow_mut(|list| {
         if list.live == 0 {
+            list.shrink_if_empty();
             return;
         }
         for index in 0..list.slots.len() {
@@ -252,6 +274,7 @@ pub fn tick(now: Instant) {
                 list.free_slot(index as u32);
             }
         }
+        list.shrink_if_empty();
     });
     // Woken outside the list's borrow: a task may be polled right away.
     for waker in passed {
@@ -329,6 +352,38 @@ mod tests {
         assert_eq!(r, Err(TimedOut));
         assert!(started.elapsed() >= Duration::from_secs(6));
         assert_eq!(LIST.with_borrow(|l| l.slots.len()), 1);
+    }
+
+    /// Many waits at once, all passed: the list gives its slots back, and each wait still
+    /// ends with its limit passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_emptied_after_a_busy_time_is_given_back() {
+        start_ticking();
+        let mut waits: Vec<_> = (0..500)
+            .map(|_| {
+                Box::pin(within(
+                    Duration::from_secs(10),
+                    std::future::pending::<()>(),
+                ))
+            })
+            .collect();
+        for w in &mut waits {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(w.as_mut().poll(cx))).await;
+            assert!(polled.is_pending());
+        }
+        assert_eq!(waiting_here(), 500);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(waiting_here(), 0);
+        assert!(LIST.with_borrow(|l| l.slots.capacity()) <= KEPT_SLOTS);
+        for w in &mut waits {
+            assert_eq!(w.as_mut().await, Err(TimedOut));
+        }
+        drop(waits);
+        // The next limits take slots afresh, and end in their own time.
+        let started = Instant::now();
+        let r = within(Duration::from_secs(5), std::future::pending::<()>()).await;
+        assert_eq!(r, Err(TimedOut));
+        assert!(started.elapsed() >= Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
