@@ -3,11 +3,12 @@
 # Caddy, through ../shared/bench/peers.sh (wrk, 64 keep-alive connections; RSS idle and with
 # thousands of idle keep-alive connections). Then the idle-memory bench (idle WebSockets).
 #
-#   benches/load.sh            full run (about 6 minutes on 2 cores)
+#   benches/load.sh            full run (about 17 minutes on 2 cores, with its two builds)
 #   benches/load.sh --quick    one short round
 # Other options go to peers.sh (see its --help). Results: target/peers-bench/<time>/ and the
 # tables on stdout. Then the case of an upstream that closes every connection (as Odoo's
-# HTTP workers do), nginx against erpgate, and the idle-memory bench.
+# HTTP workers do), nginx against erpgate; nginx, HAProxy and erpgate with their threads
+# pinned to CPUs; and the idle-memory bench.
 #
 # erpgate runs the default config (config/erpgate.toml: four classes, the admin allowlist,
 # rate limits per client IP / integration client at rates the benchmark does not reach,
