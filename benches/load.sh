@@ -69,12 +69,26 @@ trap 'kill "$watchdog" 2>/dev/null || true' EXIT
   --candidate-name erpgate "$@"
 kill "$watchdog" 2>/dev/null || true
 
+# rounds SECONDS WARMUP NAME:PORT...: wrk -t1 -c64 against each in turn, 3 rounds, a line each.
+rounds() {
+  local secs=$1 warm=$2 r t
+  shift 2
+  for r in 1 2 3; do
+    for t in "$@"; do
+      ((warm > 0)) && wrk -t1 -c64 -d"${warm}s" "http://127.0.0.1:${t##*:}/web/login" >/dev/null 2>&1
+      printf '%-8s round %s: ' "${t%%:*}" "$r"
+      wrk -t1 -c64 -d"${secs}s" --latency "http://127.0.0.1:${t##*:}/web/login" 2>&1 \
+        | awk '/Requests\/sec/ {rps=$2} / 99%/ {p99=$2} END {print rps " req/s, p99 " p99}'
+    done
+  done
+}
+
 # Odoo's HTTP workers close every connection (HTTP/1.0 + Connection: close), so every request
 # also opens an upstream connection: nginx and erpgate in front of an upstream that does not
 # keep connections alive, wrk -t1 -c64, alternating rounds.
 close_upstream_case() {
   command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "no nginx/wrk" >&2; return 0; }
-  local d pids=() r t
+  local d pids=()
   d=$(mktemp -d)
   local page; page=$(printf 'padding %.0s' $(seq 75))
   cat >"$d/up.conf" <<CONF
@@ -98,13 +112,7 @@ CONF
   "$BIN" run --config "$d/erpgate.toml" >/dev/null 2>&1 & pids+=($!)
   for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:18180/web/login && break; sleep 0.1; done
   echo "upstream without keep-alive (wrk -t1 -c64 -d8s):"
-  for r in 1 2 3; do
-    for t in nginx:18181 erpgate:18180; do
-      printf '%-8s round %s: ' "${t%%:*}" "$r"
-      wrk -t1 -c64 -d8s --latency "http://127.0.0.1:${t##*:}/web/login" 2>&1 \
-        | awk '/Requests\/sec/ {rps=$2} / 99%/ {p99=$2} END {print rps " req/s, p99 " p99}'
-    done
-  done
+  rounds 8 0 nginx:18181 erpgate:18180
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$d"
@@ -120,7 +128,7 @@ pinned_case() {
   local peers; peers="$(dirname "$PEERS_SH")/peers"
   command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
     && [[ -f $peers/nginx.conf ]] || { echo "pinned case: needs nginx, haproxy, wrk and $peers" >&2; return 0; }
-  local d pids=() r t
+  local d pids=()
   d=$(mktemp -d)
   mkdir -p "$d/tmp"
   sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" -e 's|127.0.0.1:18069|127.0.0.1:18369|' \
@@ -147,14 +155,7 @@ pinned_case() {
     for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$t/web/login" && break; sleep 0.1; done
   done
   echo "each proxy's threads pinned to CPUs (wrk -t1 -c64 -d10s):"
-  for r in 1 2 3; do
-    for t in nginx:18381 haproxy:18382 erpgate:18380; do
-      wrk -t1 -c64 -d1s "http://127.0.0.1:${t##*:}/web/login" >/dev/null 2>&1
-      printf '%-8s round %s: ' "${t%%:*}" "$r"
-      wrk -t1 -c64 -d10s --latency "http://127.0.0.1:${t##*:}/web/login" 2>&1 \
-        | awk '/Requests\/sec/ {rps=$2} / 99%/ {p99=$2} END {print rps " req/s, p99 " p99}'
-    done
-  done
+  rounds 10 1 nginx:18381 haproxy:18382 erpgate:18380
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$d"

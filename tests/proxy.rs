@@ -54,6 +54,34 @@ fn last_request(fake: &FakeOdoo) -> Recorded {
         .expect("a request reached Odoo")
 }
 
+/// Two pools and two classes: requests under `prefix` go to `routed` (with the class settings
+/// `routed_extra`), all others to `rest` (with `rest_extra`).
+fn two_routes(
+    prefix: &str,
+    routed: impl std::fmt::Display,
+    routed_extra: &str,
+    rest: impl std::fmt::Display,
+    rest_extra: &str,
+) -> String {
+    format!(
+        r#"
+[pools.routed]
+servers = [{{ address = "{routed}" }}]
+[pools.rest]
+servers = [{{ address = "{rest}" }}]
+[[class]]
+name = "routed"
+match = {{ path_prefix = "{prefix}" }}
+pool = "routed"
+{routed_extra}
+[[class]]
+name = "rest"
+pool = "rest"
+{rest_extra}
+"#
+    )
+}
+
 #[test]
 fn each_class_reaches_its_pool() {
     let fake = FakeOdoo::start_with(FakeOptions {
@@ -193,22 +221,12 @@ Forwarded: for=6.6.6.6\r\nX-Forwarded-Prefix: /evil\r\n\r\n"
 #[test]
 fn bodies_up_to_64_kib_reach_odoo_whole_on_new_and_kept_connections() {
     let fake = FakeOdoo::start();
-    let gw = Erpgate::start(&format!(
-        r#"
-[pools.web]
-servers = [{{ address = "{web}" }}]
-[pools.gevent]
-servers = [{{ address = "{gevent}" }}]
-[[class]]
-name = "kept"
-match = {{ path_prefix = "/kept/" }}
-pool = "gevent"
-[[class]]
-name = "user"
-pool = "web"
-"#,
-        web = fake.web_addr(),
-        gevent = fake.gevent_addr()
+    let gw = Erpgate::start(&two_routes(
+        "/kept/",
+        fake.gevent_addr(),
+        "",
+        fake.web_addr(),
+        "",
     ));
     let mut sent = Vec::new();
     for (i, path) in ["/web/dataset/call_kw", "/kept/call_kw"].iter().enumerate() {
@@ -307,23 +325,12 @@ fn malformed_and_oversized_heads_get_4xx_and_erpgate_keeps_serving() {
 fn a_refused_upstream_gives_502_and_a_silent_one_504() {
     let hole = Blackhole::start();
     let refused = refused_addr();
-    let gw = Erpgate::start(&format!(
-        r#"
-[pools.dead]
-servers = [{{ address = "{refused}" }}]
-[pools.silent]
-servers = [{{ address = "{hole}" }}]
-[[class]]
-name = "silent"
-match = {{ path_prefix = "/silent" }}
-pool = "silent"
-timeouts = {{ connect = "1s", read = "300ms" }}
-[[class]]
-name = "dead"
-pool = "dead"
-timeouts = {{ connect = "1s" }}
-"#,
-        hole = hole.addr()
+    let gw = Erpgate::start(&two_routes(
+        "/silent",
+        hole.addr(),
+        r#"timeouts = { connect = "1s", read = "300ms" }"#,
+        refused,
+        r#"timeouts = { connect = "1s" }"#,
     ));
     let r = get(gw.http, "/odoo");
     assert_eq!(r.status, 502);
@@ -340,26 +347,14 @@ timeouts = {{ connect = "1s" }}
 fn limits_of_seconds_end_on_the_tick_never_before_they_are_due() {
     let fake = FakeOdoo::start();
     let hole = Blackhole::start();
-    let gw = Erpgate::start(&format!(
-        r#"
-[server]
-keepalive_timeout = "5s"
-[pools.web]
-servers = [{{ address = "{web}" }}]
-[pools.silent]
-servers = [{{ address = "{hole}" }}]
-[[class]]
-name = "silent"
-match = {{ path_prefix = "/silent" }}
-pool = "silent"
-timeouts = {{ read = "5s" }}
-[[class]]
-name = "user"
-pool = "web"
-"#,
-        web = fake.web_addr(),
-        hole = hole.addr()
-    ));
+    let routes = two_routes(
+        "/silent",
+        hole.addr(),
+        r#"timeouts = { read = "5s" }"#,
+        fake.web_addr(),
+        "",
+    );
+    let gw = Erpgate::start(&format!("[server]\nkeepalive_timeout = \"5s\"\n{routes}"));
     let http = gw.http;
     // Odoo's answer, which never comes.
     let silent = std::thread::spawn(move || {
