@@ -4,6 +4,7 @@
 //! resolved), the way Odoo's router will see them, so `/web/%64atabase/` or
 //! `/web/static/../database/` cannot slip past an admin class.
 
+use crate::headers::{Looked, Present};
 use crate::jsonrpc::Service;
 use http::{HeaderMap, HeaderName, Method};
 use std::borrow::Cow;
@@ -16,6 +17,9 @@ pub struct RequestFacts<'a> {
     /// Host without port, lowercased, if the request named one.
     pub host: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// Which of the fields erpgate looks up `headers` has, where they were noted
+    /// ([`Present::ANY`] otherwise).
+    pub present: Present,
     /// The JSON-RPC service the body calls, once read (None: the body was not read, and
     /// `jsonrpc_service` conditions do not hold; see [`classify_head`]).
     pub jsonrpc: Option<&'a Service>,
@@ -91,6 +95,13 @@ impl Cond {
             Cond::Method(ms) => ms.iter().any(|m| m == r.method),
             Cond::Host(h) => r.host.is_some_and(|host| h.matches(host)),
             Cond::Header { name, value_prefix } => {
+                // Most requests have no `Authorization`, the default config's header
+                // condition: known absent, it is not looked up.
+                if *name == http::header::AUTHORIZATION
+                    && !r.present.may_have(Looked::Authorization)
+                {
+                    return false;
+                }
                 let mut values = r.headers.get_all(name).iter();
                 match value_prefix {
                     None => values.next().is_some(),

@@ -5,9 +5,11 @@ use http::header::HeaderName;
 use pingora::http::RequestHeader;
 
 /// Request fields erpgate looks up in every request: most requests have none of them but
-/// `Connection` (a browser) or `Content-Length` (a body).
+/// `Connection` (a browser) or `Content-Length` (a body). `Authorization` is the default
+/// config's header condition (a bearer key makes a request an integration's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Looked {
+    Authorization,
     Connection,
     ContentLength,
     XForwardedFor,
@@ -19,6 +21,7 @@ pub enum Looked {
 impl Looked {
     pub const fn name(self) -> HeaderName {
         match self {
+            Looked::Authorization => http::header::AUTHORIZATION,
             Looked::Connection => http::header::CONNECTION,
             Looked::ContentLength => http::header::CONTENT_LENGTH,
             Looked::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
@@ -33,6 +36,7 @@ impl Looked {
         let candidates: &[Looked] = match name.len() {
             10 => &[Looked::Connection],
             12 => &[Looked::XRequestId],
+            13 => &[Looked::Authorization],
             14 => &[Looked::ContentLength],
             15 => &[Looked::XForwardedFor],
             16 => &[Looked::XForwardedHost],
@@ -236,7 +240,8 @@ pub fn secure_session_cookie(value: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    const LOOKED: [Looked; 6] = [
+    const LOOKED: [Looked; 7] = [
+        Looked::Authorization,
         Looked::Connection,
         Looked::ContentLength,
         Looked::XForwardedFor,

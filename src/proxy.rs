@@ -561,6 +561,7 @@ impl AnswerFields for ResponseHeader {
 fn classify_request(
     cfg: &Config,
     req: &RequestHeader,
+    present: crate::headers::Present,
     jsonrpc: Option<&Service>,
 ) -> (Option<(usize, Option<usize>)>, bool) {
     let path = normalize_path(req.uri.path());
@@ -578,6 +579,7 @@ fn classify_request(
         path: &path,
         host: host.as_deref(),
         headers: &req.headers,
+        present,
         jsonrpc,
     };
     let classes = cfg.classes.iter().map(|c| c.alternatives.as_slice());
@@ -706,7 +708,7 @@ fn check_tail(
     let held = tail.held.take();
     ctx.tail = None;
     let cfg = ctx.cfg.clone();
-    let (class, _) = classify_request(&cfg, req, Some(&verdict));
+    let (class, _) = classify_request(&cfg, req, ctx.fields, Some(&verdict));
     if class.map(|(c, _)| c) != ctx.class {
         ctx.class = class.map(|(c, _)| c);
         ctx.rule = class.and_then(|(_, r)| r);
@@ -755,7 +757,7 @@ impl ErpGate {
             _ => forwarded::RequestId::new(),
         };
         let too_big = head_size(req) > cfg.server.max_request_header;
-        let (mut class, needs) = classify_request(&cfg, req, None);
+        let (mut class, needs) = classify_request(&cfg, req, present, None);
         let content_length = if present.may_have(Looked::ContentLength) {
             content_length(req)
         } else {
@@ -804,7 +806,7 @@ impl ErpGate {
             let mut sc = Scanner::new();
             sc.feed(&p.bytes);
             let verdict = jsonrpc_verdict(session.req_header(), &sc, p.complete);
-            class = classify_request(&cfg, session.req_header(), Some(&verdict)).0;
+            class = classify_request(&cfg, session.req_header(), present, Some(&verdict)).0;
             if p.complete {
                 scanner = Some(sc);
             } else {

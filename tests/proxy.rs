@@ -603,6 +603,32 @@ fn a_long_poll_held_by_odoo_completes() {
     assert!(started.elapsed() >= Duration::from_millis(2500));
 }
 
+/// The integration class's header condition, through erpgate's own path (which notes
+/// whether a request has `Authorization` as it parses it): a bearer key alone makes a request
+/// an integration's, in any case of the field's name; a request without one, or with another
+/// scheme, stays a user's.
+#[test]
+fn a_bearer_key_alone_makes_a_request_an_integrations() {
+    let fake = FakeOdoo::start();
+    let gw = Erpgate::start(&odoo_config(&fake, "\n[log]\nformat = \"json\"\n"));
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("Authorization", "Bearer KEY1")], "integration"),
+        (&[("AUTHORIZATION", "bearer KEY2")], "integration"),
+        (&[("authorization", "Basic c2VjcmV0")], "user"),
+        (&[("X-Api-Key", "Bearer KEY3")], "user"),
+        (&[], "user"),
+    ];
+    for (fields, class) in cases {
+        let r = request(gw.http, "GET", "/odoo/action-1", fields, None);
+        assert_eq!(r.status, 200, "{fields:?}");
+        let id = r.header("x-request-id").expect("id").to_string();
+        let line = gw.wait_log_line(&[&id]);
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(v["class"], class, "{fields:?}: {line}");
+    }
+}
+
 #[test]
 fn the_access_log_has_the_fields_and_never_secrets() {
     let fake = FakeOdoo::start();

@@ -5,6 +5,7 @@
 
 use erpgate::classify::{classify_head, normalize_path, request_host, OnHead, RequestFacts};
 use erpgate::forwarded;
+use erpgate::headers::Present;
 use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ pub fn decide(
         path: &path,
         host: host.as_deref(),
         headers,
+        present: Present::ANY,
         jsonrpc: None,
     };
     let class = match classify_head(

@@ -16,6 +16,7 @@ fn facts<'a>(
         path,
         host,
         headers,
+        present: crate::headers::Present::ANY,
         jsonrpc: None,
     }
 }
