@@ -675,7 +675,15 @@ struct Answer<'a> {
     status: http::StatusCode,
     ours: &'a mut BytesMut,
     names: [Option<http::HeaderName>; SET_ANSWER_FIELDS],
+    /// The lengths of `names` (bit `len % 64`): a field of another length is none of them,
+    /// without comparing names (each of Odoo's fields is checked against them).
+    lengths: u64,
     cookies: Vec<Cow<'a, [u8]>>,
+}
+
+/// The bit of a name of `len` bytes in [`Answer::lengths`].
+fn length_bit(len: usize) -> u64 {
+    1 << (len % 64)
 }
 
 /// Most fields erpgate sets on an answer ([`proxy::answer_headers`] sets up to four).
@@ -684,10 +692,12 @@ const SET_ANSWER_FIELDS: usize = 8;
 impl Answer<'_> {
     /// Whether erpgate set the field `name`.
     fn sets(&self, name: &str) -> bool {
-        self.names
-            .iter()
-            .flatten()
-            .any(|n| name.eq_ignore_ascii_case(n.as_str()))
+        self.lengths & length_bit(name.len()) != 0
+            && self
+                .names
+                .iter()
+                .flatten()
+                .any(|n| name.eq_ignore_ascii_case(n.as_str()))
     }
 
     fn put(&mut self, name: http::HeaderName, value: &[u8]) -> Result<()> {
@@ -711,6 +721,7 @@ impl Answer<'_> {
                     "more fields set than an answer holds",
                 ));
             };
+            self.lengths |= length_bit(name.as_str().len());
             *slot = Some(name.clone());
         }
         put_field(self.ours, name.as_str().as_bytes(), value);
@@ -820,6 +831,7 @@ async fn read_answer_head(
                 status: http::StatusCode::from_u16(code).map_err(|_| bad("status"))?,
                 ours: &mut ours,
                 names: Default::default(),
+                lengths: 0,
                 cookies: Vec::new(),
             };
             for h in parsed.headers.iter() {
@@ -1205,6 +1217,7 @@ mod tests {
             status: http::StatusCode::OK,
             ours: &mut ours,
             names: Default::default(),
+            lengths: 0,
             cookies: odoo.iter().map(|c| Cow::Borrowed(*c)).collect(),
         };
         answer
@@ -1246,6 +1259,7 @@ mod tests {
             status: http::StatusCode::OK,
             ours: &mut ours,
             names: Default::default(),
+            lengths: 0,
             cookies: Vec::new(),
         };
         for i in 0..SET_ANSWER_FIELDS {
