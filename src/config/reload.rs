@@ -239,6 +239,33 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
+    /// Settings read at start only are named when a reload changes them (erpgate logs that
+    /// they wait for a restart); other changes are not.
+    #[test]
+    fn a_reload_names_the_settings_that_wait_for_a_restart() {
+        let config = |server: &str, pool: &str| {
+            let text = format!(
+                "[listen]\nhttp = [\"127.0.0.1:8080\"]\n[server]\n{server}\n\
+                 [pools.web]\nservers = [{{ address = \"{pool}\" }}]\n\
+                 [[class]]\nname = \"user\"\npool = \"web\"\n"
+            );
+            crate::config::compile::parse(&text, "erpgate.toml", None).expect("config")
+        };
+        let old = config("threads = 2", "127.0.0.1:8069");
+        assert!(needs_restart(&old, &config("threads = 2", "127.0.0.1:9069")).is_empty());
+        assert_eq!(
+            needs_restart(
+                &old,
+                &config("threads = 2\npin_threads = true", "127.0.0.1:8069")
+            ),
+            ["server.pin_threads"]
+        );
+        assert_eq!(
+            needs_restart(&old, &config("threads = 3", "127.0.0.1:8069")),
+            ["server.threads"]
+        );
+    }
+
     /// Reading the config (as erpgate does after every event) must not be an event that
     /// makes it read again; writing it must. Events come in order, so the read's would be
     /// seen before the write's.
