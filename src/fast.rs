@@ -689,7 +689,19 @@ fn length_bit(len: usize) -> u64 {
 /// Most fields erpgate sets on an answer ([`proxy::answer_headers`] sets up to four).
 const SET_ANSWER_FIELDS: usize = 8;
 
-impl Answer<'_> {
+impl<'a> Answer<'a> {
+    /// An answer with `status` whose fields erpgate sets go to `ours`, with Odoo's
+    /// `cookies`; none set yet.
+    fn new(status: http::StatusCode, ours: &'a mut BytesMut, cookies: Vec<Cow<'a, [u8]>>) -> Self {
+        Answer {
+            status,
+            ours,
+            names: Default::default(),
+            lengths: 0,
+            cookies,
+        }
+    }
+
     /// Whether erpgate set the field `name`.
     fn sets(&self, name: &str) -> bool {
         self.lengths & length_bit(name.len()) != 0
@@ -827,13 +839,8 @@ async fn read_answer_head(
             // Odoo's fields are written from the parse, in their case; erpgate's as they are
             // set (no header map: building one was 12 % of the instructions of a request).
             let mut ours = buffer();
-            let mut answer = Answer {
-                status: http::StatusCode::from_u16(code).map_err(|_| bad("status"))?,
-                ours: &mut ours,
-                names: Default::default(),
-                lengths: 0,
-                cookies: Vec::new(),
-            };
+            let status = http::StatusCode::from_u16(code).map_err(|_| bad("status"))?;
+            let mut answer = Answer::new(status, &mut ours, Vec::new());
             for h in parsed.headers.iter() {
                 if h.name.eq_ignore_ascii_case("set-cookie") {
                     answer.cookies.push(Cow::Borrowed(h.value));
@@ -1213,13 +1220,8 @@ mod tests {
     fn an_answers_fields_are_written_as_set_and_replace_odoos() {
         let odoo = [&b"session_id=1; Path=/"[..], b"lang=en"];
         let mut ours = BytesMut::new();
-        let mut answer = Answer {
-            status: http::StatusCode::OK,
-            ours: &mut ours,
-            names: Default::default(),
-            lengths: 0,
-            cookies: odoo.iter().map(|c| Cow::Borrowed(*c)).collect(),
-        };
+        let cookies = odoo.iter().map(|c| Cow::Borrowed(*c)).collect();
+        let mut answer = Answer::new(http::StatusCode::OK, &mut ours, cookies);
         answer
             .set_bytes(http::HeaderName::from_static("x-request-id"), b"0123")
             .expect("request id");
@@ -1255,13 +1257,7 @@ mod tests {
         );
         // More fields than an answer holds: an error, not a lost field.
         let mut ours = BytesMut::new();
-        let mut answer = Answer {
-            status: http::StatusCode::OK,
-            ours: &mut ours,
-            names: Default::default(),
-            lengths: 0,
-            cookies: Vec::new(),
-        };
+        let mut answer = Answer::new(http::StatusCode::OK, &mut ours, Vec::new());
         for i in 0..SET_ANSWER_FIELDS {
             let name = http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).expect("name");
             answer.set_bytes(name, b"v").expect("room");
