@@ -7,7 +7,7 @@ use crate::classify::{
 use crate::config::{Class, Config};
 use crate::errors::{reason, status_for};
 use crate::forwarded::{self, Forwarded};
-use crate::headers::Looked;
+use crate::headers::{Looked, Present};
 use crate::jsonrpc::{Scanner, Service};
 use crate::policy::ratelimit::{KeySpec, Verdict};
 use arc_swap::ArcSwap;
@@ -28,8 +28,9 @@ const X_REQUEST_ID: &str = "x-request-id";
 /// Field names erpgate looks up in each request, or sets in each answer, made once: a name
 /// given as a string is parsed again at each use (that parsing was 1-2 % of erpgate's user
 /// time).
-const X_REQUEST_ID_NAME: header::HeaderName = header::HeaderName::from_static(X_REQUEST_ID);
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+/// The names are those of [`Looked`], where erpgate looks them up.
+const X_REQUEST_ID_NAME: header::HeaderName = Looked::XRequestId.name();
+const X_FORWARDED_FOR: header::HeaderName = Looked::XForwardedFor.name();
 
 /// The proxy. Holds the config store; each request takes one snapshot of it.
 #[derive(Clone)]
@@ -166,7 +167,7 @@ pub struct Ctx {
     /// from a trusted proxy.
     https: bool,
     /// Which of the fields erpgate looks up the request has, where its path noted them.
-    pub(crate) fields: crate::headers::Present,
+    pub(crate) fields: Present,
 }
 
 /// The rest of a JSON-RPC body that was longer than what erpgate reads before choosing the
@@ -412,10 +413,11 @@ fn own_response_head(
     Ok(resp)
 }
 
-/// The request's `Content-Length`, when it has a valid one.
-fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(header::CONTENT_LENGTH)
+/// The request's `Content-Length`, when it has a valid one (`present`: which of the looked-up
+/// fields it may have).
+fn content_length(req: &RequestHeader, present: Present) -> Option<u64> {
+    present
+        .get(req, Looked::ContentLength)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
@@ -561,7 +563,7 @@ impl AnswerFields for ResponseHeader {
 fn classify_request(
     cfg: &Config,
     req: &RequestHeader,
-    present: crate::headers::Present,
+    present: Present,
     jsonrpc: Option<&Service>,
 ) -> (Option<(usize, Option<usize>)>, bool) {
     let path = normalize_path(req.uri.path());
@@ -606,7 +608,7 @@ async fn read_session_prefix(session: &mut Session) -> Result<Prefix> {
     }
     let req = session.req_header();
     let small = !req.headers.contains_key(header::TRANSFER_ENCODING)
-        && content_length(req).is_some_and(|n| n <= PREFIX_MAX);
+        && content_length(req, Present::ANY).is_some_and(|n| n <= PREFIX_MAX);
     let expects_continue = req
         .headers
         .get(header::EXPECT)
@@ -758,11 +760,7 @@ impl ErpGate {
         };
         let too_big = head_size(req) > cfg.server.max_request_header;
         let (mut class, needs) = classify_request(&cfg, req, present, None);
-        let content_length = if present.may_have(Looked::ContentLength) {
-            content_length(req)
-        } else {
-            None
-        };
+        let content_length = content_length(req, present);
         let client = fwd.client;
         let tls = session.tls();
         ctx.https = tls
@@ -944,7 +942,7 @@ impl ProxyHttp for ErpGate {
             own_status: None,
             tail: None,
             https: false,
-            fields: crate::headers::Present::ANY,
+            fields: Present::ANY,
             ws_open: false,
             handed_off: false,
         }
