@@ -39,9 +39,13 @@ pub enum Cond {
     Host(HostPattern),
     /// Header present; with `value_prefix`, its value starts with it (ASCII case-insensitive,
     /// stored lowercased).
+    /// Made by [`Cond::header`].
     Header {
         name: HeaderName,
         value_prefix: Option<String>,
+        /// `name` is a field erpgate notes as it parses a request ([`Looked`]): a request
+        /// noted without it is not looked up.
+        looked: Option<Looked>,
     },
     /// The JSON-RPC body calls this service (`params.service`); a body that cannot be read
     /// with certainty calls every service.
@@ -87,6 +91,16 @@ impl HostPattern {
 }
 
 impl Cond {
+    /// A header condition (`value_prefix` stored lowercased).
+    pub fn header(name: HeaderName, value_prefix: Option<String>) -> Cond {
+        let looked = Looked::named(name.as_str().as_bytes());
+        Cond::Header {
+            name,
+            value_prefix,
+            looked,
+        }
+    }
+
     #[inline]
     fn matches(&self, r: &RequestFacts<'_>) -> bool {
         match self {
@@ -94,12 +108,14 @@ impl Cond {
             Cond::PathPrefix(p) => r.path.starts_with(p.as_str()),
             Cond::Method(ms) => ms.iter().any(|m| m == r.method),
             Cond::Host(h) => r.host.is_some_and(|host| h.matches(host)),
-            Cond::Header { name, value_prefix } => {
+            Cond::Header {
+                name,
+                value_prefix,
+                looked,
+            } => {
                 // Most requests have no `Authorization`, the default config's header
                 // condition: known absent, it is not looked up.
-                if *name == http::header::AUTHORIZATION
-                    && !r.present.may_have(Looked::Authorization)
-                {
+                if looked.is_some_and(|l| !r.present.may_have(l)) {
                     return false;
                 }
                 let mut values = r.headers.get_all(name).iter();
@@ -135,10 +151,12 @@ impl Cond {
                 Cond::Header {
                     name: a,
                     value_prefix: pa,
+                    ..
                 },
                 Cond::Header {
                     name: b,
                     value_prefix: pb,
+                    ..
                 },
             ) => {
                 a == b
@@ -247,10 +265,12 @@ impl std::fmt::Display for Alternative {
                 Cond::Header {
                     name,
                     value_prefix: None,
+                    ..
                 } => write!(f, "header={name}")?,
                 Cond::Header {
                     name,
                     value_prefix: Some(p),
+                    ..
                 } => write!(f, "header={name} value_prefix={p:?}")?,
                 Cond::JsonRpcService(name) => write!(f, "jsonrpc_service={name}")?,
             }

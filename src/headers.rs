@@ -32,7 +32,7 @@ impl Looked {
     }
 
     /// The one whose name this is, in any case.
-    fn named(name: &[u8]) -> Option<Looked> {
+    pub fn named(name: &[u8]) -> Option<Looked> {
         let candidates: &[Looked] = match name.len() {
             10 => &[Looked::Connection],
             12 => &[Looked::XRequestId],

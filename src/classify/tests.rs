@@ -41,10 +41,10 @@ fn default_classes() -> Vec<Vec<Alternative>> {
             alt(vec![Cond::PathPrefix("/xmlrpc/".into())]),
             alt(vec![Cond::Path("/jsonrpc".into())]),
             alt(vec![Cond::PathPrefix("/json/2/".into())]),
-            alt(vec![Cond::Header {
-                name: HeaderName::from_static("authorization"),
-                value_prefix: Some("bearer ".into()),
-            }]),
+            alt(vec![Cond::header(
+                HeaderName::from_static("authorization"),
+                Some("bearer ".into()),
+            )]),
         ],
         vec![],
     ]
@@ -147,10 +147,10 @@ fn methods_hosts_and_headers() {
         vec![alt(vec![Cond::Host(
             HostPattern::parse("Erp.Example.com").expect("pattern"),
         )])],
-        vec![alt(vec![Cond::Header {
-            name: HeaderName::from_static("x-tenant"),
-            value_prefix: None,
-        }])],
+        vec![alt(vec![Cond::header(
+            HeaderName::from_static("x-tenant"),
+            None,
+        )])],
     ];
     let mut h = HeaderMap::new();
     let c = |m: &Method, host: Option<&str>, h: &HeaderMap| {
@@ -193,14 +193,14 @@ fn coverage_between_alternatives() {
     ]);
     assert!(a.covers(&b));
     assert!(!b.covers(&a));
-    let bearer = alt(vec![Cond::Header {
-        name: HeaderName::from_static("authorization"),
-        value_prefix: Some("bearer ".into()),
-    }]);
-    let any_auth = alt(vec![Cond::Header {
-        name: HeaderName::from_static("authorization"),
-        value_prefix: None,
-    }]);
+    let bearer = alt(vec![Cond::header(
+        HeaderName::from_static("authorization"),
+        Some("bearer ".into()),
+    )]);
+    let any_auth = alt(vec![Cond::header(
+        HeaderName::from_static("authorization"),
+        None,
+    )]);
     assert!(any_auth.covers(&bearer));
     assert!(!bearer.covers(&any_auth));
 }
@@ -286,4 +286,38 @@ fn jsonrpc_db_calls_need_the_body_and_then_are_admin() {
     // The body condition is part of coverage: a plain /jsonrpc alternative covers it.
     assert!(earlier[0][0].covers(&earlier[1][0]));
     assert!(!earlier[1][0].covers(&earlier[0][0]));
+}
+
+/// A header condition on a field erpgate notes while parsing is not looked up in a request
+/// noted without it, and is where the fields were not noted; one on another field always is.
+#[test]
+fn header_conditions_on_noted_fields_skip_requests_noted_without_them() {
+    use crate::headers::{Looked, Present};
+    let bearer = Cond::header(
+        HeaderName::from_static("authorization"),
+        Some("bearer ".into()),
+    );
+    let tenant = Cond::header(HeaderName::from_static("x-tenant"), None);
+    assert!(matches!(
+        bearer,
+        Cond::Header {
+            looked: Some(Looked::Authorization),
+            ..
+        }
+    ));
+    assert!(matches!(tenant, Cond::Header { looked: None, .. }));
+    let mut h = HeaderMap::new();
+    h.insert("authorization", HeaderValue::from_static("Bearer k"));
+    h.insert("x-tenant", HeaderValue::from_static("t"));
+    let m = Method::GET;
+    let mut noted = Present::NONE;
+    noted.note(b"authorization");
+    for (present, expected) in [(Present::ANY, true), (noted, true), (Present::NONE, false)] {
+        let f = RequestFacts {
+            present,
+            ..facts(&m, "/", None, &h)
+        };
+        assert_eq!(bearer.matches(&f), expected, "{present:?}");
+        assert!(tenant.matches(&f), "{present:?}");
+    }
 }

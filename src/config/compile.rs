@@ -1224,10 +1224,10 @@ impl Compiler<'_> {
         }
         match (&m.header, &m.value_prefix) {
             (Some(h), vp) => match HeaderName::from_bytes(h.get_ref().as_bytes()) {
-                Ok(name) => conds.push(Cond::Header {
+                Ok(name) => conds.push(Cond::header(
                     name,
-                    value_prefix: vp.as_ref().map(|v| v.get_ref().to_ascii_lowercase()),
-                }),
+                    vp.as_ref().map(|v| v.get_ref().to_ascii_lowercase()),
+                )),
                 Err(_) => {
                     self.error(
                         h,
