@@ -333,10 +333,11 @@ fn pin_to_cpu(index: usize) {
             return;
         }
     };
-    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+    let count = (allowed.count() as usize).max(1);
+    let Some(cpu) = (0..CpuSet::MAX_CPU)
         .filter(|&c| allowed.is_set(c))
-        .collect();
-    let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
+        .nth(index % count)
+    else {
         return;
     };
     let mut one = CpuSet::new();
