@@ -33,20 +33,22 @@ impl Looked {
 
     /// The one whose name this is, in any case.
     pub fn named(name: &[u8]) -> Option<Looked> {
-        let candidates: &[Looked] = match name.len() {
-            10 => &[Looked::Connection],
-            12 => &[Looked::XRequestId],
-            13 => &[Looked::Authorization],
-            14 => &[Looked::ContentLength],
-            15 => &[Looked::XForwardedFor],
-            16 => &[Looked::XForwardedHost],
-            17 => &[Looked::XForwardedProto],
+        // Their lengths all differ: the length says which it can be.
+        let l = match name.len() {
+            10 => Looked::Connection,
+            12 => Looked::XRequestId,
+            13 => Looked::Authorization,
+            14 => Looked::ContentLength,
+            15 => Looked::XForwardedFor,
+            16 => Looked::XForwardedHost,
+            17 => Looked::XForwardedProto,
             _ => return None,
         };
-        candidates
-            .iter()
-            .copied()
-            .find(|l| l.name().as_str().as_bytes().eq_ignore_ascii_case(name))
+        l.name()
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(name)
+            .then_some(l)
     }
 }
 
