@@ -46,6 +46,11 @@ impl ErpGate {
         crate::health::spawn(store.clone());
         ErpGate { store, audit }
     }
+
+    /// The audit log, when the config has one.
+    pub fn audit_log(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
 }
 
 /// Every 10 s, drops rate-limit buckets that are full again, so memory follows the clients

@@ -73,8 +73,15 @@ pub(crate) fn access_log() -> Option<(&'static Lines, LogFormat)> {
     Some((LOG_LINES.get()?, *ACCESS_FORMAT.get()?))
 }
 
-/// Writes out the log lines not written yet and stops the log writer; before erpgate exits.
+/// The audit log whose queue [`flush_logs`] empties.
+static AUDIT: std::sync::OnceLock<crate::audit::AuditLog> = std::sync::OnceLock::new();
+
+/// Writes out the audit lines still queued (at most [`crate::audit::FLUSH_LIMIT`]) and the log
+/// lines not written yet, and stops the log writer; before erpgate exits.
 pub fn flush_logs() {
+    if let Some(audit) = AUDIT.get() {
+        audit.flush(crate::audit::FLUSH_LIMIT);
+    }
     if let Some(lines) = LOG_LINES.get() {
         lines.close();
     }
@@ -231,6 +238,9 @@ pub fn run(cfg: Config, path: &std::path::Path, upgrade: bool) -> ! {
     server.bootstrap();
 
     let gate = ErpGate::new(store.clone());
+    if let Some(audit) = gate.audit_log() {
+        let _ = AUDIT.set(audit.clone());
+    }
     let mut app = http_proxy(&server.configuration, gate.clone());
     // HTTP/2 connections (HTTPS with ALPN h2) run in Pingora's own loop: the same idle limit
     // for them, as it is at start.

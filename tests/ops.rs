@@ -632,3 +632,84 @@ fn pin_threads_puts_each_proxy_thread_on_a_cpu_of_its_own() {
         "{free:?} against the process's {process:?}"
     );
 }
+
+/// Audit lines still queued when erpgate is stopped are written before it exits, by SIGINT as
+/// by SIGTERM. The audit log is a FIFO read only once erpgate says it is writing out the
+/// queue, so the writer is held up with most lines still queued (a pipe holds 64 KiB; the
+/// lines are about four times that).
+#[test]
+fn audit_lines_still_queued_at_a_stop_are_written_before_exit() {
+    use std::io::Read;
+    let odoo = FakeOdoo::start();
+    for signal in ["INT", "TERM"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "mkfifo {}", fifo.display());
+        // Read and write: opening a FIFO so never waits. It lets the read end below open at
+        // once, and erpgate's write end too; dropped after the signal, so that the read end
+        // sees its end when erpgate's write end closes.
+        let keep_open = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .expect("open the FIFO");
+        let mut audit = std::fs::File::open(&fifo).expect("open the FIFO's read end");
+        let body = format!(
+            "[server]\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n[audit]\npath = \"{}\"\n{}",
+            fifo.display(),
+            config(&odoo, "").replace(
+                "allow = [\"10.10.0.0/16\"]",
+                "allow = [\"10.10.0.0/16\"]\naudit = true"
+            )
+        );
+        let mut gw = Erpgate::start(&body);
+        let mut conn = Conn::open(gw.http);
+        let n = 1000;
+        for _ in 0..n {
+            let r =
+                conn.send(b"GET /web/database/manager HTTP/1.1\r\nHost: erp.example.com\r\n\r\n");
+            assert_eq!(r.status, 403);
+        }
+        // The first lines are in the pipe: erpgate's writer has the FIFO open.
+        let mut first = [0u8; 1];
+        audit.read_exact(&mut first).expect("a first audit byte");
+        gw.signal(signal);
+        // erpgate is stopping, its writer still held up by the full pipe.
+        gw.wait_log_line(&["audit log: writing", "queued lines before exit"]);
+        assert_eq!(
+            gw.wait_exit(Duration::from_millis(100)),
+            None,
+            "exited before its audit lines were written"
+        );
+        drop(keep_open);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = audit.read_to_end(&mut rest);
+            let _ = tx.send(rest);
+        });
+        let rest = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the audit FIFO's write end closed (erpgate exited)");
+        let mut text = first.to_vec();
+        text.extend_from_slice(&rest);
+        let text = String::from_utf8(text).expect("UTF-8");
+        assert!(text.len() > 2 * 65_536, "{} bytes", text.len());
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), n, "SIG{signal}: {}", gw.log());
+        assert!(lines.iter().all(|l| l["decision"] == "denied_ip"));
+        assert_eq!(
+            gw.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "{}",
+            gw.log()
+        );
+    }
+}
