@@ -11,12 +11,13 @@ use std::net::IpAddr;
 
 #[path = "support/decide.rs"]
 mod decide;
-use decide::{browser_headers, decide, DEFAULT_CONFIG};
+use decide::{browser_headers, decide, noted, DEFAULT_CONFIG};
 
 fn bench(c: &mut Criterion) {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None)
         .expect("default config compiles");
     let headers = browser_headers();
+    let present = noted(&headers);
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
 
     c.bench_function("decide: user GET /odoo/action-1", |b| {
@@ -26,6 +27,7 @@ fn bench(c: &mut Criterion) {
                 &Method::GET,
                 black_box("/odoo/action-1"),
                 &headers,
+                present,
                 peer,
             )
         })
@@ -37,6 +39,7 @@ fn bench(c: &mut Criterion) {
                 &Method::POST,
                 black_box("/xmlrpc/2/object"),
                 &headers,
+                present,
                 peer,
             )
         })
@@ -48,6 +51,7 @@ fn bench(c: &mut Criterion) {
                 &Method::GET,
                 black_box("/web/%64atabase/manager"),
                 &headers,
+                present,
                 peer,
             )
         })

@@ -4,7 +4,7 @@
 #[path = "../benches/support/decide.rs"]
 mod decide;
 
-use decide::{browser_headers, decide, DEFAULT_CONFIG};
+use decide::{browser_headers, decide, noted, DEFAULT_CONFIG};
 use http::{HeaderValue, Method};
 use std::net::IpAddr;
 
@@ -17,8 +17,16 @@ fn deciding_a_plain_get_allocates_nothing() {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None).expect("compiles");
     let headers = browser_headers();
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
+    let present = noted(&headers);
     // The first request of a client creates its rate-limit bucket: that allocates.
-    let first = decide(&cfg, &Method::GET, "/odoo/action-1", &headers, peer);
+    let first = decide(
+        &cfg,
+        &Method::GET,
+        "/odoo/action-1",
+        &headers,
+        present,
+        peer,
+    );
     assert_eq!(
         first.0.map(|(c, _)| cfg.classes[c].name.as_str()),
         Some("user")
@@ -30,7 +38,7 @@ fn deciding_a_plain_get_allocates_nothing() {
         "/web/image/res.partner/7/avatar_128",
     ] {
         for _ in 0..100 {
-            std::hint::black_box(decide(&cfg, &Method::GET, path, &headers, peer));
+            std::hint::black_box(decide(&cfg, &Method::GET, path, &headers, present, peer));
         }
     }
     let after = dhat::HeapStats::get();
@@ -46,11 +54,19 @@ fn deciding_a_plain_get_allocates_nothing() {
         HeaderValue::from_static("198.51.100.7, 127.0.0.1"),
     );
     let lb: IpAddr = "127.0.0.1".parse().expect("ip");
-    let first = decide(&cfg, &Method::GET, "/odoo", &behind_lb, lb);
+    let lb_present = noted(&behind_lb);
+    let first = decide(&cfg, &Method::GET, "/odoo", &behind_lb, lb_present, lb);
     assert_eq!(first.1, "198.51.100.7".parse::<IpAddr>().expect("ip"));
     let before_lb = dhat::HeapStats::get();
     for _ in 0..100 {
-        std::hint::black_box(decide(&cfg, &Method::GET, "/odoo", &behind_lb, lb));
+        std::hint::black_box(decide(
+            &cfg,
+            &Method::GET,
+            "/odoo",
+            &behind_lb,
+            lb_present,
+            lb,
+        ));
     }
     let after_lb = dhat::HeapStats::get();
     assert_eq!(

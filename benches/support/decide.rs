@@ -1,11 +1,13 @@
 //! The per-request decision without a server, shared by `benches/decision.rs` and
 //! `tests/alloc.rs`: path normalization, host extraction, classification, the
 //! forwarded-header resolution, the allowlist and the rate-limit check, as erpgate's
-//! `request_filter` runs them for a request whose class does not depend on its body.
+//! `request_filter` runs them for a request whose class does not depend on its body. The
+//! request's fields are noted as erpgate's parser notes them ([`noted`]), so lookups of fields
+//! the request lacks are skipped as on the real path.
 
 use erpgate::classify::{classify_head, normalize_path, request_host, OnHead, RequestFacts};
 use erpgate::forwarded;
-use erpgate::headers::Present;
+use erpgate::headers::{Looked, Present};
 use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -17,6 +19,7 @@ pub fn decide(
     method: &Method,
     raw_path: &str,
     headers: &HeaderMap,
+    present: Present,
     peer: IpAddr,
 ) -> (Option<(usize, Option<usize>)>, IpAddr) {
     let path = normalize_path(raw_path);
@@ -26,7 +29,7 @@ pub fn decide(
         path: &path,
         host: host.as_deref(),
         headers,
-        present: Present::ANY,
+        present,
         jsonrpc: None,
     };
     let class = match classify_head(
@@ -38,9 +41,11 @@ pub fn decide(
     };
     let fwd = forwarded::resolve(
         peer,
-        headers
-            .get_all("x-forwarded-for")
-            .iter()
+        present
+            .may_have(Looked::XForwardedFor)
+            .then(|| headers.get_all(Looked::XForwardedFor.name()))
+            .into_iter()
+            .flatten()
             .map(|v| v.as_bytes()),
         &cfg.network.trusted_proxies,
     );
@@ -54,6 +59,15 @@ pub fn decide(
         }
     }
     (class, fwd.client)
+}
+
+/// The fields erpgate's parser notes for a request with these headers.
+pub fn noted(headers: &HeaderMap) -> Present {
+    let mut present = Present::NONE;
+    for name in headers.keys() {
+        present.note(name.as_str().as_bytes());
+    }
+    present
 }
 
 /// The headers of a browser's request to Odoo.
