@@ -210,6 +210,35 @@ fn a_configmap_symlink_swap_and_sighup_both_reload() {
     assert_eq!(get(gw.http, "/odoo").status, 200);
 }
 
+/// erpgate.toml -> erpgate-live.toml in the same directory: editing the target in place (an
+/// event that names only the target) reloads; the log written beside them does not matter.
+#[test]
+fn a_config_linked_to_a_file_beside_it_reloads_when_that_file_is_edited() {
+    let a = FakeOdoo::start();
+    let b = FakeOdoo::start();
+    let gw = Erpgate::start(&config(&a, &b, "a", 100));
+    assert_eq!(probe_target(&gw, &a, &b, 1), "a");
+    let dir = gw.dir.path();
+    let full = std::fs::read_to_string(&gw.config_path).expect("config");
+    let live = dir.join("erpgate-live.toml");
+    std::fs::write(&live, &full).expect("write");
+    let tmp = dir.join("erpgate.toml.link");
+    std::os::unix::fs::symlink("erpgate-live.toml", &tmp).expect("link");
+    std::fs::rename(&tmp, &gw.config_path).expect("rename");
+    // A SIGHUP's reload settles after the rename's event, so what follows is a new event.
+    let before = gw.reloads();
+    gw.signal("HUP");
+    gw.wait_reloads_above(before);
+    let before = gw.reloads();
+    std::fs::write(
+        &live,
+        full.replace("pool = \"a\"\nrate_limit", "pool = \"b\"\nrate_limit"),
+    )
+    .expect("edit in place");
+    gw.wait_reloads_above(before);
+    assert_eq!(probe_target(&gw, &a, &b, 2), "b");
+}
+
 #[test]
 fn a_binary_upgrade_hands_over_the_listeners_without_failing_a_request() {
     let a = FakeOdoo::start();

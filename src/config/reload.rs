@@ -6,12 +6,15 @@
 //!
 //! The watch is on the file's directory, not the file: editors write a new file and rename
 //! it over the old one, and Kubernetes ConfigMap volumes swap a `..data` symlink, and
-//! neither is seen by a watch on the old file. Any event in the directory is followed by a
-//! short settling pause and a read; only a change of the file's bytes reloads.
+//! neither is seen by a watch on the old file. An event that names the file, or one of the
+//! `..`-prefixed names of a ConfigMap's swap, is followed by a short settling pause and a
+//! read; only a change of the file's bytes reloads. Events for other files in the directory
+//! (a log written beside the config) are not looked at further.
 
 use super::{load, Config};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,9 +97,13 @@ pub fn spawn(
     })?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let dir = watch_dir(&path);
+    let config = path.clone();
+    let canonical_dir = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     let events = tx.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|ev| may_change(&ev)) {
+        if ev.is_ok_and(|ev| {
+            may_change(&ev) && concerns(&ev, &config_names(&config, &canonical_dir))
+        }) {
             let _ = events.send(());
         }
     })
@@ -150,6 +157,33 @@ pub fn spawn(
 /// otherwise be the next event, and it would read the file again every [`SETTLE`], forever.
 fn may_change(ev: &notify::Event) -> bool {
     !matches!(ev.kind, notify::EventKind::Access(_))
+}
+
+/// The names in the watched directory (`dir`, canonical) under which the config at `path`
+/// can change: its own, and that of the file it is a symlink to, when that file is in the
+/// same directory (`erpgate.toml -> erpgate-2026.toml`, the target edited in place).
+fn config_names(path: &Path, dir: &Path) -> Vec<OsString> {
+    let mut names: Vec<OsString> = path.file_name().map(OsString::from).into_iter().collect();
+    if let Ok(target) = std::fs::canonicalize(path) {
+        if target.parent() == Some(dir) {
+            names.extend(target.file_name().map(OsString::from));
+        }
+    }
+    names
+}
+
+/// Whether a file event in the watched directory may concern the config, known there by
+/// `names` ([`config_names`]): one that names it (an edit, or a new file renamed over it),
+/// one that names a `..`-prefixed entry (a Kubernetes ConfigMap volume swaps its `..data`
+/// symlink, and the file is a link through it), or one that names no file at all (the watch
+/// lost events and asks for a look).
+fn concerns(ev: &notify::Event, names: &[OsString]) -> bool {
+    ev.paths.is_empty()
+        || ev.paths.iter().any(|p| {
+            p.file_name().is_some_and(|n| {
+                names.iter().any(|name| name == n) || n.as_encoded_bytes().starts_with(b"..")
+            })
+        })
 }
 
 /// The directory to watch for `path` (its parent; `.` for a bare file name).
@@ -263,6 +297,86 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &config("threads = 3", "127.0.0.1:8069")),
             ["server.threads"]
+        );
+    }
+
+    #[test]
+    fn only_events_naming_the_config_or_a_configmap_swap_concern_it() {
+        use notify::event::{CreateKind, DataChange, EventKind, ModifyKind, RenameMode};
+        let names = [OsString::from("erpgate.toml")];
+        let name = &names[..];
+        let ev = |kind: EventKind, paths: &[&str]| notify::Event {
+            kind,
+            paths: paths.iter().map(PathBuf::from).collect(),
+            attrs: Default::default(),
+        };
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        // The file written in place, or a new one renamed over it (as editors and sed -i do).
+        assert!(concerns(&ev(write, &["/etc/erpgate/erpgate.toml"]), name));
+        assert!(concerns(
+            &ev(
+                rename,
+                &[
+                    "/etc/erpgate/.erpgate.toml.swp",
+                    "/etc/erpgate/erpgate.toml"
+                ]
+            ),
+            name
+        ));
+        // A ConfigMap's update: ..data_tmp renamed to ..data.
+        assert!(concerns(
+            &ev(rename, &["/etc/erpgate/..data_tmp", "/etc/erpgate/..data"]),
+            name
+        ));
+        assert!(concerns(
+            &ev(
+                EventKind::Create(CreateKind::Folder),
+                &["/etc/erpgate/..2026_11_27_10_00_00.1"]
+            ),
+            name
+        ));
+        // The watch lost events: look.
+        assert!(concerns(&ev(EventKind::Any, &[]), name));
+        // Other files beside the config: a log, the audit log, another config.
+        for other in [
+            "/etc/erpgate/erpgate.log",
+            "/etc/erpgate/audit.jsonl",
+            "/etc/erpgate/erpgate.toml.bak",
+            "/etc/erpgate/vm.toml",
+        ] {
+            assert!(!concerns(&ev(write, &[other]), name), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_config_that_links_to_a_file_beside_it_is_known_by_both_names() {
+        let dir = tempfile::tempdir().expect("dir");
+        let canonical = std::fs::canonicalize(dir.path()).expect("canonical");
+        let file = dir.path().join("erpgate.toml");
+        std::fs::write(dir.path().join("erpgate-2026.toml"), "a").expect("write");
+        std::os::unix::fs::symlink("erpgate-2026.toml", &file).expect("link");
+        assert_eq!(
+            config_names(&file, &canonical),
+            [
+                OsString::from("erpgate.toml"),
+                OsString::from("erpgate-2026.toml")
+            ]
+        );
+        // A plain file: its own name (twice is harmless).
+        let plain = dir.path().join("vm.toml");
+        std::fs::write(&plain, "a").expect("write");
+        assert!(config_names(&plain, &canonical)
+            .iter()
+            .all(|n| n == "vm.toml"));
+        // A link to another directory, which is not watched: only the link's name.
+        let elsewhere = tempfile::tempdir().expect("dir");
+        std::fs::write(elsewhere.path().join("real.toml"), "a").expect("write");
+        let link = dir.path().join("linked.toml");
+        std::os::unix::fs::symlink(elsewhere.path().join("real.toml"), &link).expect("link");
+        assert_eq!(
+            config_names(&link, &canonical),
+            [OsString::from("linked.toml")]
         );
     }
 
