@@ -22,7 +22,9 @@ pub const GATHER: Duration = Duration::from_millis(10);
 /// Bytes waiting to be written beyond which the threads that log wait for the writer.
 pub const LIMIT: usize = 1024 * 1024;
 
-/// Capacity a batch buffer keeps between batches (more is given back).
+/// Capacity a batch buffer keeps between batches at least; it keeps room for a batch as
+/// large as the last one, so that under a steady load the lines are appended without the
+/// buffer growing (a copy of all it holds, under the lock), and gives back the rest.
 const KEEP: usize = 64 * 1024;
 
 struct State {
@@ -148,9 +150,10 @@ fn write_batches(shared: &Shared) {
             // Lines appended after the last swap went out directly (`closed` was set first).
             return;
         }
+        let used = batch.len();
         spare = batch;
         spare.clear();
-        spare.shrink_to(KEEP);
+        spare.shrink_to(used.max(KEEP));
         std::thread::sleep(GATHER);
     }
 }
