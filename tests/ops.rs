@@ -644,11 +644,8 @@ fn audit_lines_still_queued_at_a_stop_are_written_before_exit() {
     for signal in ["INT", "TERM"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let fifo = dir.path().join("audit.fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(made, "mkfifo {}", fifo.display());
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
         // Read and write: opening a FIFO so never waits. It lets the read end below open at
         // once, and erpgate's write end too; dropped after the signal, so that the read end
         // sees its end when erpgate's write end closes.

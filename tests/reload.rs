@@ -160,17 +160,23 @@ fn many_edits_under_load_change_what_they_should_and_drop_nothing() {
     );
 }
 
+/// erpgate sending the probe class to `a`, and the text of its config file.
+fn started_on_a(a: &FakeOdoo, b: &FakeOdoo) -> (Erpgate, String) {
+    let gw = Erpgate::start(&config(a, b, "a", 100));
+    assert_eq!(probe_target(&gw, a, b, 1), "a");
+    let full = std::fs::read_to_string(&gw.config_path).expect("config");
+    (gw, full)
+}
+
 #[test]
 fn a_configmap_symlink_swap_and_sighup_both_reload() {
     let a = FakeOdoo::start();
     let b = FakeOdoo::start();
-    let gw = Erpgate::start(&config(&a, &b, "a", 100));
-    assert_eq!(probe_target(&gw, &a, &b, 1), "a");
+    let (gw, full) = started_on_a(&a, &b);
 
     // Kubernetes mounts a ConfigMap as erpgate.toml -> ..data/erpgate.toml, ..data -> a
     // timestamped directory, and updates it by swapping ..data atomically.
     let dir = gw.dir.path();
-    let full = std::fs::read_to_string(&gw.config_path).expect("config");
     let v1 = dir.join("..2026_11_26_v1");
     std::fs::create_dir(&v1).expect("dir");
     std::fs::write(v1.join("erpgate.toml"), &full).expect("write");
@@ -216,10 +222,8 @@ fn a_configmap_symlink_swap_and_sighup_both_reload() {
 fn a_config_linked_to_a_file_beside_it_reloads_when_that_file_is_edited() {
     let a = FakeOdoo::start();
     let b = FakeOdoo::start();
-    let gw = Erpgate::start(&config(&a, &b, "a", 100));
-    assert_eq!(probe_target(&gw, &a, &b, 1), "a");
+    let (gw, full) = started_on_a(&a, &b);
     let dir = gw.dir.path();
-    let full = std::fs::read_to_string(&gw.config_path).expect("config");
     let live = dir.join("erpgate-live.toml");
     std::fs::write(&live, &full).expect("write");
     let tmp = dir.join("erpgate.toml.link");
