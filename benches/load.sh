@@ -3,12 +3,13 @@
 # Caddy, through ../shared/bench/peers.sh (wrk, 64 keep-alive connections; RSS idle and with
 # thousands of idle keep-alive connections). Then the idle-memory bench (idle WebSockets).
 #
-#   benches/load.sh            full run (about 17 minutes on 2 cores, with its two builds)
+#   benches/load.sh            full run (about 19 minutes on 2 cores, with its two builds)
 #   benches/load.sh --quick    one short round
 # Other options go to peers.sh (see its --help). Results: target/peers-bench/<time>/ and the
 # tables on stdout. Then the case of an upstream that closes every connection (as Odoo's
 # HTTP workers do), nginx against erpgate; nginx, HAProxy and erpgate with their threads
-# pinned to CPUs; and the idle-memory bench.
+# pinned to CPUs; the three again with the access log on, as peers.sh's log-on pass but with
+# every round; and the idle-memory bench.
 #
 # erpgate runs the default config (config/erpgate.toml: four classes, the admin allowlist,
 # rate limits per client IP / integration client at rates the benchmark does not reach,
@@ -119,48 +120,67 @@ CONF
 }
 close_upstream_case
 
-# peers.sh runs every proxy with its threads free to move between CPUs. erpgate's
-# `pin_threads` puts each thread on a CPU of its own; nginx (`worker_cpu_affinity auto`) and
-# HAProxy (`cpu-map`) can do the same. Here all three are pinned: peers.sh's own configs
-# (log off) with that one setting added, in front of peers.sh's upstream, wrk -t1 -c64 10 s
-# after 1 s, 3 alternating rounds.
-pinned_case() {
-  local peers; peers="$(dirname "$PEERS_SH")/peers"
+# side_case pinned|free on|off: nginx, HAProxy and erpgate from peers.sh's own configs (the
+# access-log variant with "on", to files), in front of peers.sh's upstream, wrk -t1 -c64 10 s
+# after 1 s, 3 alternating rounds; with "pinned", each with its threads on CPUs of their own
+# (nginx `worker_cpu_affinity auto`, HAProxy `cpu-map`, erpgate `pin_threads`). peers.sh runs
+# every proxy with its threads free to move between CPUs, and its log-on pass often loses
+# one of erpgate's rounds (above): "free on" gives that pass again with all three.
+side_case() {
+  local mode=$1 log=$2 peers base drop
+  peers="$(dirname "$PEERS_SH")/peers"
   command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
-    && [[ -f $peers/nginx.conf ]] || { echo "pinned case: needs nginx, haproxy, wrk and $peers" >&2; return 0; }
-  local d pids=()
+    && [[ -f $peers/nginx.conf ]] || { echo "$mode/$log case: needs nginx, haproxy, wrk and $peers" >&2; return 0; }
+  # Ports of its own: 18380-18382 (upstream 18369/18372) pinned, 18480-18482 (18469/18472) free.
+  base=183; [[ $mode == free ]] && base=184
+  drop='#@log-on'; [[ $log == on ]] && drop='#@log-off'
+  local d pids=() pin_nginx='' pin_haproxy='' pin_erpgate=''
+  if [[ $mode == pinned ]]; then
+    pin_nginx='s|^worker_processes 2;.*|worker_processes 2;\nworker_cpu_affinity auto;|'
+    pin_haproxy='s|^\( *\)nbthread 2.*|\1nbthread 2\n\1cpu-map auto:1/1-2 0-1|'
+    pin_erpgate='s|^\[server\]$|[server]\npin_threads = true|'
+  fi
   d=$(mktemp -d)
   mkdir -p "$d/tmp"
-  sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" -e 's|127.0.0.1:18069|127.0.0.1:18369|' \
-      -e 's|127.0.0.1:18072|127.0.0.1:18372|' "$peers/upstream.conf" >"$d/up.conf"
-  sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" -e 's|127.0.0.1:18069|127.0.0.1:18369|' \
-      -e 's|127.0.0.1:18072|127.0.0.1:18372|' -e 's|127.0.0.1:18080|127.0.0.1:18381|' \
-      -e 's|^worker_processes 2;.*|worker_processes 2;\nworker_cpu_affinity auto;|' \
-      "$peers/nginx.conf" >"$d/nginx.conf"
-  sed -e '/#@log-on/d' -e 's|127.0.0.1:18069|127.0.0.1:18369|' -e 's|127.0.0.1:18072|127.0.0.1:18372|' \
-      -e 's|127.0.0.1:18080|127.0.0.1:18382|' \
-      -e 's|^\( *\)nbthread 2.*|\1nbthread 2\n\1cpu-map auto:1/1-2 0-1|' \
-      "$peers/haproxy.cfg" >"$d/haproxy.cfg"
-  sed -e 's|127.0.0.1:18080|127.0.0.1:18380|' -e 's|127.0.0.1:18901|127.0.0.1:18903|' \
-      -e 's|127.0.0.1:18069|127.0.0.1:18369|' -e 's|127.0.0.1:18072|127.0.0.1:18372|' \
-      -e 's|^\[server\]$|[server]\npin_threads = true|' \
-      "$OUT/erpgate-log-off.toml" >"$d/erpgate.toml"
-  grep -q '^worker_cpu_affinity' "$d/nginx.conf" && grep -q 'cpu-map' "$d/haproxy.cfg" \
-    && grep -q '^pin_threads = true' "$d/erpgate.toml" || { echo "pinned case: configs not as expected" >&2; rm -rf "$d"; return 0; }
+  local ports=(-e "s|127.0.0.1:18069|127.0.0.1:${base}69|" -e "s|127.0.0.1:18072|127.0.0.1:${base}72|")
+  sed -e '/#@log-on/d' -e "s|@RUN@|$d|g" "${ports[@]}" "$peers/upstream.conf" >"$d/up.conf"
+  sed -e "/$drop/d" -e "s|@RUN@|$d|g" "${ports[@]}" -e "s|127.0.0.1:18080|127.0.0.1:${base}81|" \
+      -e "${pin_nginx:-s|^||}" "$peers/nginx.conf" >"$d/nginx.conf"
+  sed -e "/$drop/d" "${ports[@]}" -e "s|127.0.0.1:18080|127.0.0.1:${base}82|" \
+      -e "${pin_haproxy:-s|^||}" "$peers/haproxy.cfg" >"$d/haproxy.cfg"
+  sed -e "s|127.0.0.1:18080|127.0.0.1:${base}80|" -e "s|127.0.0.1:18901|127.0.0.1:${base}03|" \
+      "${ports[@]}" -e "${pin_erpgate:-s|^||}" "$OUT/erpgate-log-$log.toml" >"$d/erpgate.toml"
+  if [[ $mode == pinned ]]; then
+    grep -q '^worker_cpu_affinity' "$d/nginx.conf" && grep -q 'cpu-map' "$d/haproxy.cfg" \
+      && grep -q '^pin_threads = true' "$d/erpgate.toml" || { echo "pinned case: configs not as expected" >&2; rm -rf "$d"; return 0; }
+  fi
+  if [[ $log == on ]]; then
+    grep -q '^ *access_log .*combined' "$d/nginx.conf" && grep -q 'option httplog' "$d/haproxy.cfg" \
+      && grep -q '^level = "info"' "$d/erpgate.toml" || { echo "log-on case: configs not as expected" >&2; rm -rf "$d"; return 0; }
+  fi
   nginx -p "$d" -c "$d/up.conf" >/dev/null 2>&1 & pids+=($!)
   nginx -p "$d" -c "$d/nginx.conf" >/dev/null 2>&1 & pids+=($!)
-  haproxy -db -f "$d/haproxy.cfg" >/dev/null 2>&1 & pids+=($!)
-  "$BIN" run --config "$d/erpgate.toml" >/dev/null 2>&1 & pids+=($!)
-  for t in 18381 18382 18380; do
+  haproxy -db -f "$d/haproxy.cfg" >"$d/haproxy-access.log" 2>&1 & pids+=($!)
+  "$BIN" run --config "$d/erpgate.toml" >"$d/erpgate-access.log" 2>&1 & pids+=($!)
+  for t in ${base}81 ${base}82 ${base}80; do
     for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$t/web/login" && break; sleep 0.1; done
   done
-  echo "each proxy's threads pinned to CPUs (wrk -t1 -c64 -d10s):"
-  rounds 10 1 nginx:18381 haproxy:18382 erpgate:18380
+  if [[ $mode == pinned ]]; then
+    echo "each proxy's threads pinned to CPUs, access log $log (wrk -t1 -c64 -d10s):"
+  else
+    echo "threads free, access log $log, as peers.sh's pass (wrk -t1 -c64 -d10s):"
+  fi
+  rounds 10 1 nginx:${base}81 haproxy:${base}82 erpgate:${base}80
+  if [[ $log == on ]]; then
+    printf 'access lines written: nginx %s, haproxy %s, erpgate %s\n' "$(wc -l <"$d/nginx-access.log")" \
+      "$(wc -l <"$d/haproxy-access.log")" "$(grep -c 'erpgate::access' "$d/erpgate-access.log")"
+  fi
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$d"
 }
-pinned_case
+side_case pinned off
+side_case free on
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # the bench holds 10,000 sockets at once
 cargo bench --bench idle_memory
