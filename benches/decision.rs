@@ -11,13 +11,14 @@ use std::net::IpAddr;
 
 #[path = "support/decide.rs"]
 mod decide;
-use decide::{browser_headers, decide, noted, DEFAULT_CONFIG};
+use decide::{browser_headers, decide, DEFAULT_CONFIG};
+use erpgate::headers::Present;
 
 fn bench(c: &mut Criterion) {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None)
         .expect("default config compiles");
     let headers = browser_headers();
-    let present = noted(&headers);
+    let present = Present::of(&headers);
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
 
     c.bench_function("decide: user GET /odoo/action-1", |b| {

@@ -168,7 +168,7 @@ pub fn serve(
         present,
     } = request;
     let keepalive = !present
-        .get_all(&req, Looked::Connection)
+        .get_all(&req.headers, Looked::Connection)
         .flat_map(crate::headers::tokens_in)
         .any(|t| t.eq_ignore_ascii_case(b"close"));
     let client = Downstream {

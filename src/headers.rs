@@ -75,19 +75,33 @@ impl Present {
         self.0 & (1 << l as u8) != 0
     }
 
-    /// The request's first `l` field.
-    pub fn get(self, req: &RequestHeader, l: Looked) -> Option<&http::HeaderValue> {
+    /// The fields `headers` has, noted one by one as erpgate's parser notes them (for
+    /// requests made some other way: tests and benches).
+    pub fn of(headers: &http::HeaderMap) -> Present {
+        let mut present = Present::NONE;
+        for name in headers.keys() {
+            present.note(name.as_str().as_bytes());
+        }
+        present
+    }
+
+    /// The first `l` field of `headers` (a request's, noted in `self`).
+    pub fn get(self, headers: &http::HeaderMap, l: Looked) -> Option<&http::HeaderValue> {
         if self.may_have(l) {
-            req.headers.get(l.name())
+            headers.get(l.name())
         } else {
             None
         }
     }
 
-    /// The request's `l` fields.
-    pub fn get_all(self, req: &RequestHeader, l: Looked) -> impl DoubleEndedIterator<Item = &[u8]> {
+    /// The `l` fields of `headers` (a request's, noted in `self`).
+    pub fn get_all(
+        self,
+        headers: &http::HeaderMap,
+        l: Looked,
+    ) -> impl DoubleEndedIterator<Item = &[u8]> {
         self.may_have(l)
-            .then(|| req.headers.get_all(l.name()))
+            .then(|| headers.get_all(l.name()))
             .into_iter()
             .flatten()
             .map(|v| v.as_bytes())
@@ -252,14 +266,6 @@ mod tests {
         Looked::XRequestId,
     ];
 
-    fn noted(req: &RequestHeader) -> Present {
-        let mut present = Present::NONE;
-        for name in req.headers.keys() {
-            present.note(name.as_str().as_bytes());
-        }
-        present
-    }
-
     #[test]
     fn looked_fields_are_noted_by_name_in_any_case_and_no_other_field_is() {
         for (i, l) in LOOKED.iter().enumerate() {
@@ -316,12 +322,16 @@ mod tests {
             for (n, v) in set {
                 req.append_header(n.to_string(), *v).expect("field");
             }
-            let present = noted(&req);
+            let present = Present::of(&req.headers);
             for l in LOOKED {
                 let name = l.name();
                 for p in [present, Present::ANY] {
-                    assert_eq!(p.get(&req, l), req.headers.get(&name), "{l:?} in {set:?}");
-                    let all: Vec<&[u8]> = p.get_all(&req, l).collect();
+                    assert_eq!(
+                        p.get(&req.headers, l),
+                        req.headers.get(&name),
+                        "{l:?} in {set:?}"
+                    );
+                    let all: Vec<&[u8]> = p.get_all(&req.headers, l).collect();
                     let map: Vec<&[u8]> = req
                         .headers
                         .get_all(&name)

@@ -422,7 +422,7 @@ fn own_response_head(
 /// fields it may have).
 fn content_length(req: &RequestHeader, present: Present) -> Option<u64> {
     present
-        .get(req, Looked::ContentLength)
+        .get(&req.headers, Looked::ContentLength)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
@@ -754,10 +754,10 @@ impl ErpGate {
         let present = ctx.fields;
         let fwd = forwarded::resolve(
             peer,
-            present.get_all(req, Looked::XForwardedFor),
+            present.get_all(&req.headers, Looked::XForwardedFor),
             &cfg.network.trusted_proxies,
         );
-        ctx.request_id = match present.get(req, Looked::XRequestId) {
+        ctx.request_id = match present.get(&req.headers, Looked::XRequestId) {
             Some(v) if fwd.peer_trusted && forwarded::valid_request_id(v.as_bytes()) => {
                 forwarded::RequestId::given(v.as_bytes())
             }
@@ -771,7 +771,7 @@ impl ErpGate {
         ctx.https = tls
             || (fwd.peer_trusted
                 && present
-                    .get(req, Looked::XForwardedProto)
+                    .get(&req.headers, Looked::XForwardedProto)
                     .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https")));
         ctx.peer = peer;
         ctx.fwd = Some(fwd);
@@ -1204,7 +1204,7 @@ pub(crate) fn forward_headers(
     };
     let trusted = fwd.peer_trusted;
     let proto = if ctx.https { "https" } else { "http" };
-    let fhost = match ctx.fields.get(req, Looked::XForwardedHost) {
+    let fhost = match ctx.fields.get(&req.headers, Looked::XForwardedHost) {
         Some(h) if trusted && !h.is_empty() => Some(h.as_bytes()),
         _ => req
             .headers
@@ -1218,7 +1218,7 @@ pub(crate) fn forward_headers(
         }
     }
     up.set("x-forwarded-for", |w| {
-        fwd.write_chain(ctx.fields.get_all(req, Looked::XForwardedFor), w)
+        fwd.write_chain(ctx.fields.get_all(&req.headers, Looked::XForwardedFor), w)
     })?;
     up.set("x-real-ip", |w| forwarded::write_ip(fwd.client, w))?;
     up.set("x-forwarded-proto", |w| w.write_all(proto.as_bytes()))?;

@@ -4,7 +4,8 @@
 #[path = "../benches/support/decide.rs"]
 mod decide;
 
-use decide::{browser_headers, decide, noted, DEFAULT_CONFIG};
+use decide::{browser_headers, decide, DEFAULT_CONFIG};
+use erpgate::headers::Present;
 use http::{HeaderValue, Method};
 use std::net::IpAddr;
 
@@ -17,7 +18,7 @@ fn deciding_a_plain_get_allocates_nothing() {
     let cfg = erpgate::config::parse(DEFAULT_CONFIG, "erpgate.toml", None).expect("compiles");
     let headers = browser_headers();
     let peer: IpAddr = "203.0.113.9".parse().expect("ip");
-    let present = noted(&headers);
+    let present = Present::of(&headers);
     // The first request of a client creates its rate-limit bucket: that allocates.
     let first = decide(
         &cfg,
@@ -54,7 +55,7 @@ fn deciding_a_plain_get_allocates_nothing() {
         HeaderValue::from_static("198.51.100.7, 127.0.0.1"),
     );
     let lb: IpAddr = "127.0.0.1".parse().expect("ip");
-    let lb_present = noted(&behind_lb);
+    let lb_present = Present::of(&behind_lb);
     let first = decide(&cfg, &Method::GET, "/odoo", &behind_lb, lb_present, lb);
     assert_eq!(first.1, "198.51.100.7".parse::<IpAddr>().expect("ip"));
     let before_lb = dhat::HeapStats::get();

@@ -2,8 +2,8 @@
 //! `tests/alloc.rs`: path normalization, host extraction, classification, the
 //! forwarded-header resolution, the allowlist and the rate-limit check, as erpgate's
 //! `request_filter` runs them for a request whose class does not depend on its body. The
-//! request's fields are noted as erpgate's parser notes them ([`noted`]), so lookups of fields
-//! the request lacks are skipped as on the real path.
+//! callers note the request's fields as erpgate's parser does (`Present::of`), so lookups of
+//! fields the request lacks are skipped as on the real path.
 
 use erpgate::classify::{classify_head, normalize_path, request_host, OnHead, RequestFacts};
 use erpgate::forwarded;
@@ -41,12 +41,7 @@ pub fn decide(
     };
     let fwd = forwarded::resolve(
         peer,
-        present
-            .may_have(Looked::XForwardedFor)
-            .then(|| headers.get_all(Looked::XForwardedFor.name()))
-            .into_iter()
-            .flatten()
-            .map(|v| v.as_bytes()),
+        present.get_all(headers, Looked::XForwardedFor),
         &cfg.network.trusted_proxies,
     );
     // The class's policy: allowlist, then its rate limit.
@@ -59,15 +54,6 @@ pub fn decide(
         }
     }
     (class, fwd.client)
-}
-
-/// The fields erpgate's parser notes for a request with these headers.
-pub fn noted(headers: &HeaderMap) -> Present {
-    let mut present = Present::NONE;
-    for name in headers.keys() {
-        present.note(name.as_str().as_bytes());
-    }
-    present
 }
 
 /// The headers of a browser's request to Odoo.
