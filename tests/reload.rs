@@ -160,19 +160,21 @@ fn many_edits_under_load_change_what_they_should_and_drop_nothing() {
     );
 }
 
-/// erpgate sending the probe class to `a`, and the text of its config file.
-fn started_on_a(a: &FakeOdoo, b: &FakeOdoo) -> (Erpgate, String) {
+/// erpgate sending the probe class to `a`; the text of its config file, and of the same
+/// config sending it to `b`.
+fn started_on_a(a: &FakeOdoo, b: &FakeOdoo) -> (Erpgate, String, String) {
     let gw = Erpgate::start(&config(a, b, "a", 100));
     assert_eq!(probe_target(&gw, a, b, 1), "a");
     let full = std::fs::read_to_string(&gw.config_path).expect("config");
-    (gw, full)
+    let on_b = gw.config_text(&config(a, b, "b", 100));
+    (gw, full, on_b)
 }
 
 #[test]
 fn a_configmap_symlink_swap_and_sighup_both_reload() {
     let a = FakeOdoo::start();
     let b = FakeOdoo::start();
-    let (gw, full) = started_on_a(&a, &b);
+    let (gw, full, on_b) = started_on_a(&a, &b);
 
     // Kubernetes mounts a ConfigMap as erpgate.toml -> ..data/erpgate.toml, ..data -> a
     // timestamped directory, and updates it by swapping ..data atomically.
@@ -186,11 +188,7 @@ fn a_configmap_symlink_swap_and_sighup_both_reload() {
     std::fs::rename(&tmp, &gw.config_path).expect("rename");
     let v2 = dir.join("..2026_11_26_v2");
     std::fs::create_dir(&v2).expect("dir");
-    std::fs::write(
-        v2.join("erpgate.toml"),
-        full.replace("pool = \"a\"\nrate_limit", "pool = \"b\"\nrate_limit"),
-    )
-    .expect("write");
+    std::fs::write(v2.join("erpgate.toml"), on_b).expect("write");
     let data_tmp = dir.join("..data_tmp");
     std::os::unix::fs::symlink("..2026_11_26_v2", &data_tmp).expect("link");
     std::fs::rename(&data_tmp, dir.join("..data")).expect("swap");
@@ -222,7 +220,7 @@ fn a_configmap_symlink_swap_and_sighup_both_reload() {
 fn a_config_linked_to_a_file_beside_it_reloads_when_that_file_is_edited() {
     let a = FakeOdoo::start();
     let b = FakeOdoo::start();
-    let (gw, full) = started_on_a(&a, &b);
+    let (gw, full, on_b) = started_on_a(&a, &b);
     let dir = gw.dir.path();
     let live = dir.join("erpgate-live.toml");
     std::fs::write(&live, &full).expect("write");
@@ -234,11 +232,7 @@ fn a_config_linked_to_a_file_beside_it_reloads_when_that_file_is_edited() {
     gw.signal("HUP");
     gw.wait_reloads_above(before);
     let before = gw.reloads();
-    std::fs::write(
-        &live,
-        full.replace("pool = \"a\"\nrate_limit", "pool = \"b\"\nrate_limit"),
-    )
-    .expect("edit in place");
+    std::fs::write(&live, on_b).expect("edit in place");
     gw.wait_reloads_above(before);
     assert_eq!(probe_target(&gw, &a, &b, 2), "b");
 }

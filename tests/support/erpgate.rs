@@ -154,10 +154,15 @@ impl Erpgate {
         }
     }
 
+    /// The whole config file for `body`: this erpgate's `[listen]` section, then `body`.
+    pub fn config_text(&self, body: &str) -> String {
+        format!("{}{body}", self.listen)
+    }
+
     /// Replaces the config file the way editors do (a new file renamed over the old one),
     /// keeping the `[listen]` section; erpgate's file watch picks it up.
     pub fn write_config(&self, body: &str) {
-        let config = format!("{}{body}", self.listen);
+        let config = self.config_text(body);
         let tmp = self.dir.path().join("erpgate.toml.new");
         std::fs::write(&tmp, config).expect("write config");
         std::fs::rename(&tmp, &self.config_path).expect("rename config");
