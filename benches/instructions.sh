@@ -5,9 +5,10 @@
 # absolute speed: it counts user-space instructions only, not system calls, cache misses or
 # contention between threads.
 #
-#   benches/instructions.sh [BINARY]        default: target/release/erpgate (built)
+#   benches/instructions.sh [--log] [BINARY]    default: target/release/erpgate (built)
 #
-# erpgate runs the default config (log off, as benches/load.sh's "off" variant) under
+# erpgate runs the default config (log off, as benches/load.sh's "off" variant; with --log,
+# the access log on, to a file, as its "on" variant) under
 # `valgrind --tool=callgrind` in front of a one-worker nginx upstream; wrk -t1 -c16 warms it
 # up for 5 s, then instrumentation is on for 10 s of wrk (a bare GET, then the same with the
 # 12 more fields of a browser's request). Prints instructions per request for each. Needs
@@ -17,6 +18,11 @@ cd "$(dirname "$0")/.."
 for tool in valgrind callgrind_control callgrind_annotate nginx wrk curl; do
   command -v "$tool" >/dev/null || { echo "instructions.sh: needs $tool" >&2; exit 2; }
 done
+level=warn
+if [[ ${1:-} == --log ]]; then
+  level=info
+  shift
+fi
 if [[ $# -gt 0 ]]; then
   BIN=$(realpath "$1")
 else
@@ -45,7 +51,7 @@ sed -e 's|"0.0.0.0:8080"|"127.0.0.1:18280"|' \
     -e 's|127.0.0.1:8069|127.0.0.1:18269|' \
     -e 's|127.0.0.1:8072|127.0.0.1:18269|' \
     -e "s|erpgate-audit.jsonl|$d/audit.jsonl|" \
-    -e 's|^level = "info"|level = "warn"|' \
+    -e "s|^level = \"info\"|level = \"$level\"|" \
     -e 's|rate = "100/s", burst = 200|rate = "1000000/s", burst = 1000000|' \
     config/erpgate.toml >"$d/erpgate.toml"
 # The fields a browser adds to a page load's GET (wrk sends Host only).
@@ -102,7 +108,13 @@ count() { # count NAME [wrk args...]: instructions per request of one measured w
     echo "$out" >&2
     exit 1
   fi
-  printf '%-34s %8d requests  %6d instructions a request\n' "$name" "$n" $((ir / n))
+  if [[ $level == info ]] && (($(grep -c ' erpgate::access: ' "$d/erpgate.log") < n)); then
+    echo "instructions.sh: fewer access lines than the $n requests measured" >&2
+    exit 1
+  fi
+  printf '%-38s %8d requests  %6d instructions a request\n' "$name" "$n" $((ir / n))
 }
-count "GET, one field (wrk's)"
-count "GET, 13 fields (a browser's)" "${browser[@]}"
+log=""
+[[ $level == info ]] && log=", log on"
+count "GET, one field (wrk's)$log"
+count "GET, 13 fields (a browser's)$log" "${browser[@]}"

@@ -3,6 +3,7 @@
 //! cookies or bodies.
 
 use crate::config::LogFormat;
+use crate::forwarded::RequestId;
 use crate::proxy::Ctx;
 use pingora::proxy::Session;
 use pingora::Error;
@@ -82,7 +83,7 @@ struct Fields<'a> {
     bytes_in: usize,
     bytes_out: usize,
     duration: Millis,
-    request_id: &'a str,
+    request_id: &'a RequestId,
     error: &'a str,
 }
 
@@ -101,7 +102,7 @@ impl Fields<'_> {
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
             duration_ms = %self.duration,
-            request_id = self.request_id,
+            request_id = self.request_id.as_str(),
             error = self.error,
         );
     }
@@ -142,13 +143,11 @@ impl Fields<'_> {
                 }
                 out.extend_from_slice(b" duration_ms=");
                 self.duration.put(out);
-                for (key, value) in [
-                    (&b" request_id="[..], self.request_id),
-                    (b" error=", self.error),
-                ] {
-                    out.extend_from_slice(key);
-                    quoted(out, value);
-                }
+                // Nothing in a request id needs an escape (see `RequestId`).
+                out.extend_from_slice(b" request_id=\"");
+                out.extend_from_slice(self.request_id.as_bytes());
+                out.extend_from_slice(b"\" error=");
+                quoted(out, self.error);
                 out.push(b'\n');
             }
             LogFormat::Json => {
@@ -178,7 +177,9 @@ impl Fields<'_> {
                 out.extend_from_slice(b",\"duration_ms\":\"");
                 self.duration.put(out);
                 out.push(b'"');
-                json_str(out, "request_id", self.request_id);
+                out.extend_from_slice(b",\"request_id\":\"");
+                out.extend_from_slice(self.request_id.as_bytes());
+                out.push(b'"');
                 json_str(out, "error", self.error);
                 out.extend_from_slice(b",\"target\":\"erpgate::access\"}\n");
             }
@@ -373,7 +374,7 @@ mod tests {
                 bytes_in: 0,
                 bytes_out: 613,
                 duration: Millis(std::time::Duration::from_nanos(1_234_560)),
-                request_id: "7b9fbb1f2eb8b1fff705c4db75cc4273",
+                request_id: &RequestId::given(b"7b9fbb1f2eb8b1fff705c4db75cc4273").unwrap(),
                 error: "",
             },
             Fields {
@@ -387,7 +388,7 @@ mod tests {
                 bytes_in: 121,
                 bytes_out: 0,
                 duration: Millis(std::time::Duration::from_secs(60)),
-                request_id: "a\u{7f}\u{e9}\"\n",
+                request_id: &RequestId::given(b"aZ-_.:/+=9").unwrap(),
                 error: "ConnectionClosed",
             },
             Fields {
@@ -401,11 +402,15 @@ mod tests {
                 bytes_in: usize::MAX,
                 bytes_out: 1,
                 duration: Millis(std::time::Duration::from_nanos(999_500)),
-                request_id: "",
+                request_id: &RequestId::fresh(),
                 error: "ConnectTimedout",
             },
         ];
-        for f in &lines {
+        let no_id = Fields {
+            request_id: &RequestId::None,
+            ..lines[0]
+        };
+        for f in lines.iter().chain([&no_id]) {
             for format in [LogFormat::Human, LogFormat::Json] {
                 let mut direct = Vec::new();
                 f.format(format, std::time::SystemTime::now(), &mut direct);
@@ -458,7 +463,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             duration: Millis(std::time::Duration::ZERO),
-            request_id: "",
+            request_id: &RequestId::None,
             error: "",
         };
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_795_735_395_396_768);

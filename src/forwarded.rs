@@ -154,34 +154,40 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 }
 
 /// A request's id: one erpgate made, held in place (a `String` for it was an allocation
-/// per request), or one a trusted peer sent.
+/// per request), or one a trusted peer sent. Either way only characters of
+/// [`valid_request_id`]'s set, so it is written as it is in a log line, a header or JSON:
+/// nothing in it needs an escape.
 #[derive(Debug, Clone, Default)]
 pub enum RequestId {
     /// None yet (erpgate answered before reading the request).
     #[default]
     None,
     /// 128 random bits as 32 lowercase hex digits.
-    Made([u8; 32]),
-    /// As a trusted peer sent it ([`valid_request_id`]).
+    Made(Digits),
+    /// As a trusted peer sent it, checked with [`valid_request_id`].
     Given(Box<str>),
 }
 
+/// 32 lowercase hex digits, made only by [`RequestId::fresh`].
+#[derive(Debug, Clone)]
+pub struct Digits([u8; 32]);
+
 impl RequestId {
     /// A fresh request id: 128 random bits as 32 hex digits.
-    pub fn new() -> Self {
-        RequestId::Made(hex32(fastrand::u128(..)))
+    pub fn fresh() -> Self {
+        RequestId::Made(Digits(hex32(fastrand::u128(..))))
     }
 
-    /// The id a trusted peer sent (checked with [`valid_request_id`]).
-    pub fn given(v: &[u8]) -> Self {
-        RequestId::Given(String::from_utf8_lossy(v).into())
+    /// The id a trusted peer sent, if [`valid_request_id`] accepts it.
+    pub fn given(v: &[u8]) -> Option<Self> {
+        valid_request_id(v).then(|| RequestId::Given(String::from_utf8_lossy(v).into()))
     }
 
     pub fn as_str(&self) -> &str {
         match self {
             RequestId::None => "",
             // Hex digits: always UTF-8.
-            RequestId::Made(digits) => std::str::from_utf8(digits).unwrap_or_default(),
+            RequestId::Made(Digits(digits)) => std::str::from_utf8(digits).unwrap_or_default(),
             RequestId::Given(id) => id,
         }
     }
@@ -190,7 +196,7 @@ impl RequestId {
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             RequestId::None => b"",
-            RequestId::Made(digits) => digits,
+            RequestId::Made(Digits(digits)) => digits,
             RequestId::Given(id) => id.as_bytes(),
         }
     }
@@ -325,11 +331,13 @@ mod tests {
         assert!(!valid_request_id(b""));
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(&[b'a'; 129]));
-        let id = RequestId::new();
+        let id = RequestId::fresh();
         assert_eq!(id.as_str().len(), 32);
         assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(RequestId::None.is_empty());
-        assert_eq!(RequestId::given(b"abc-123").as_str(), "abc-123");
+        assert_eq!(RequestId::given(b"abc-123").unwrap().as_str(), "abc-123");
+        assert!(RequestId::given(b"a\"b").is_none());
+        assert!(RequestId::given(b"").is_none());
         for n in [0, 1, 0xabc, u128::MAX, u128::MAX / 3, 1 << 127] {
             assert_eq!(
                 std::str::from_utf8(&hex32(n)).ok(),

@@ -757,12 +757,11 @@ impl ErpGate {
             present.get_all(&req.headers, Looked::XForwardedFor),
             &cfg.network.trusted_proxies,
         );
-        ctx.request_id = match present.get(&req.headers, Looked::XRequestId) {
-            Some(v) if fwd.peer_trusted && forwarded::valid_request_id(v.as_bytes()) => {
-                forwarded::RequestId::given(v.as_bytes())
-            }
-            _ => forwarded::RequestId::new(),
-        };
+        ctx.request_id = present
+            .get(&req.headers, Looked::XRequestId)
+            .filter(|_| fwd.peer_trusted)
+            .and_then(|v| forwarded::RequestId::given(v.as_bytes()))
+            .unwrap_or_else(forwarded::RequestId::fresh);
         let too_big = head_size(req) > cfg.server.max_request_header;
         let (mut class, needs) = classify_request(&cfg, req, present, None);
         let content_length = content_length(req, present);
@@ -1267,7 +1266,7 @@ pub(crate) async fn answer_failure<C: Client>(
     if code > 0 && !answered {
         let body = Bytes::from(format!("{code} {why}\n"));
         if ctx.request_id.is_empty() {
-            ctx.request_id = forwarded::RequestId::new();
+            ctx.request_id = forwarded::RequestId::fresh();
         }
         if let Err(err) = send_own(session, ctx, code, true, body, &[]).await {
             tracing::debug!("could not send error response: {err}");
@@ -1366,8 +1365,8 @@ impl Ctx {
     pub fn started(&self) -> Instant {
         self.started
     }
-    pub fn request_id(&self) -> &str {
-        self.request_id.as_str()
+    pub fn request_id(&self) -> &forwarded::RequestId {
+        &self.request_id
     }
     pub fn client(&self) -> Option<IpAddr> {
         self.fwd.as_ref().map(|f| f.client)
