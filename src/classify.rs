@@ -28,7 +28,9 @@ pub struct RequestFacts<'a> {
 /// One alternative of a class's `match`: all conditions must hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alternative {
-    pub conds: Vec<Cond>,
+    conds: Vec<Cond>,
+    /// One of `conds` is on the JSON-RPC body (known when made: each request asks).
+    reads_body: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,14 +174,17 @@ impl Cond {
 }
 
 impl Alternative {
-    pub fn matches(&self, r: &RequestFacts<'_>) -> bool {
-        self.conds.iter().all(|c| c.matches(r))
+    pub fn new(conds: Vec<Cond>) -> Alternative {
+        let reads_body = conds.iter().any(|c| matches!(c, Cond::JsonRpcService(_)));
+        Alternative { conds, reads_body }
     }
 
-    fn reads_body(&self) -> bool {
-        self.conds
-            .iter()
-            .any(|c| matches!(c, Cond::JsonRpcService(_)))
+    pub fn conds(&self) -> &[Cond] {
+        &self.conds
+    }
+
+    pub fn matches(&self, r: &RequestFacts<'_>) -> bool {
+        self.conds.iter().all(|c| c.matches(r))
     }
 
     /// Whether the conditions on the request head hold.
@@ -235,11 +240,19 @@ where
             return OnHead::Class(Some((i, None)));
         }
         // Without a body no `jsonrpc_service` condition holds: the first alternative that
-        // matches is the first of those without one.
-        if let Some(j) = alts.iter().position(|a| !a.reads_body() && a.matches(r)) {
-            return OnHead::Class(Some((i, Some(j))));
+        // matches is the first of those without one. Failing that, an alternative with one
+        // whose other conditions hold leaves the class to the body.
+        let mut body_decides = false;
+        for (j, a) in alts.iter().enumerate() {
+            if !a.reads_body {
+                if a.matches(r) {
+                    return OnHead::Class(Some((i, Some(j))));
+                }
+            } else if !body_decides {
+                body_decides = a.head_matches(r);
+            }
         }
-        if alts.iter().any(|a| a.reads_body() && a.head_matches(r)) {
+        if body_decides {
             return OnHead::NeedsBody;
         }
     }

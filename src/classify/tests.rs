@@ -2,7 +2,7 @@ use super::*;
 use http::HeaderValue;
 
 fn alt(conds: Vec<Cond>) -> Alternative {
-    Alternative { conds }
+    Alternative::new(conds)
 }
 
 fn facts<'a>(

@@ -136,7 +136,7 @@ impl Compiler<'_> {
         let classes_match_host = classes.iter().any(|c| {
             c.alternatives
                 .iter()
-                .any(|a| a.conds.iter().any(|c| matches!(c, Cond::Host(_))))
+                .any(|a| a.conds().iter().any(|c| matches!(c, Cond::Host(_))))
         });
         Some(Config {
             classes_match_host,
@@ -1275,7 +1275,7 @@ impl Compiler<'_> {
             );
             ok = false;
         }
-        ok.then_some(Alternative { conds })
+        ok.then(|| Alternative::new(conds))
     }
 }
 
