@@ -44,8 +44,11 @@ config warn >"$OUT/erpgate-log-off.toml"
 # before the child has called setsid, notes "erpgate (on) did not come up", signals nothing
 # and then waits for that erpgate for good. This watchdog stops such an erpgate (SIGINT, by
 # PID) once the note is written, so the run goes on without that round instead of hanging.
+# It signals again each second until the process is gone: a SIGINT that comes before
+# erpgate has set its handler is lost (a background job of a script starts with SIGINT
+# ignored), which stalled the 12:54 UTC run for four minutes.
 stop_lost_candidates() {
-  local marker=$1 seen=0 n f pid
+  local marker=$1 seen=0 n f pid i
   while sleep 0.5; do
     n=0
     while IFS= read -r f; do
@@ -55,7 +58,10 @@ stop_lost_candidates() {
     seen=$n
     for pid in $(pgrep -f "^$BIN run --config $PWD/$OUT/erpgate-log-o(n|ff)\.toml\$" || true); do
       echo "load.sh: stopping erpgate $pid, which peers.sh reported as not up and waits for" >&2
-      kill -INT "$pid" 2>/dev/null || true
+      for ((i = 0; i < 30; i++)); do
+        kill -INT "$pid" 2>/dev/null || break
+        sleep 1
+      done
     done
   done
 }
