@@ -8,14 +8,15 @@
 # Other options go to peers.sh (see its --help). Results: target/peers-bench/<time>/ and the
 # tables on stdout. Then the case of an upstream that closes every connection (as Odoo's
 # HTTP workers do), nginx against erpgate; nginx, HAProxy and erpgate with their threads
-# pinned to CPUs; the three again with the access log on, as peers.sh's log-on pass but with
-# every round; and the idle-memory bench.
+# pinned to CPUs; the three again with the access log on, as peers.sh's log-on pass, on ports
+# of their own; and the idle-memory bench.
 #
 # erpgate runs the default config (config/erpgate.toml: four classes, the admin allowlist,
 # rate limits per client IP / integration client at rates the benchmark does not reach,
 # in-flight cap, forwarded headers, request ids, security headers) with the listen and pool
 # addresses peers.sh expects (127.0.0.1:18080 -> 18069 web, 18072 gevent), health checks
-# on, the access log on (to a file: its stdout) or off ([log] level = "warn").
+# on, the access log on (its stdout, to target/load-bench/erpgate-access.log, removed after
+# peers.sh) or off ([log] level = "warn").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_SH=${PEERS_SH:-../shared/bench/peers.sh}
@@ -69,12 +70,22 @@ touch "$OUT/peers.start"
 stop_lost_candidates "$OUT/peers.start" &
 watchdog=$!
 trap 'kill "$watchdog" 2>/dev/null || true' EXIT
+# Why peers.sh lost a round: it starts a candidate with its output to a file (`>"$outf"`),
+# and the child truncates that file before it calls setsid. With erpgate's access log in
+# it (about 200 MB after a 10 s round), truncating took 90-140 ms here, long enough for
+# peers.sh's first look for the new session (`ps`, right after the start) to find none: the
+# middle round of the log-on pass, in every run (the first round has no file to truncate
+# yet, the third only what the lost round wrote). So erpgate's access log goes to a file of
+# its own, opened (and truncated) by the `bash -c` that peers.sh runs, in the new session;
+# `exec` keeps erpgate the process peers.sh started. The watchdog stays for any other cause.
+ACCESS="$PWD/$OUT/erpgate-access.log"
 # The web pool's health checks ask /web/health; peers.sh's nginx upstream answers every path.
 "$PEERS_SH" \
   --candidate "$BIN run --config $PWD/$OUT/erpgate-log-off.toml" \
-  --candidate-log "$BIN run --config $PWD/$OUT/erpgate-log-on.toml" \
+  --candidate-log "exec $BIN run --config $PWD/$OUT/erpgate-log-on.toml >$ACCESS" \
   --candidate-name erpgate "$@"
 kill "$watchdog" 2>/dev/null || true
+rm -f "$ACCESS"
 
 # rounds SECONDS WARMUP NAME:PORT...: wrk -t1 -c64 against each in turn, 3 rounds, a line each.
 rounds() {
@@ -130,8 +141,9 @@ close_upstream_case
 # access-log variant with "on", to files), in front of peers.sh's upstream, wrk -t1 -c64 10 s
 # after 1 s, 3 alternating rounds; with "pinned", each with its threads on CPUs of their own
 # (nginx `worker_cpu_affinity auto`, HAProxy `cpu-map`, erpgate `pin_threads`). peers.sh runs
-# every proxy with its threads free to move between CPUs, and its log-on pass often loses
-# one of erpgate's rounds (above): "free on" gives that pass again with all three.
+# every proxy with its threads free to move between CPUs; "free on" gives its log-on pass
+# again, on ports of its own (its log-on pass lost one of erpgate's rounds in every run until
+# erpgate's log got a file of its own, above).
 side_case() {
   local mode=$1 log=$2 peers base drop
   peers="$(dirname "$PEERS_SH")/peers"
