@@ -37,7 +37,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -276,6 +276,9 @@ impl Future for Readable<'_> {
 struct Thread {
     handle: tokio::runtime::Handle,
     open: AtomicUsize,
+    /// Where and when this thread last ended a turn ([`take_turns`], [`turn_note`]); 0 before
+    /// its first.
+    turn: AtomicU64,
 }
 
 /// The proxy's threads, each listed when it first got a connection from Pingora.
@@ -299,6 +302,7 @@ fn this_thread() -> Arc<Thread> {
             let me = Arc::new(Thread {
                 handle: tokio::runtime::Handle::current(),
                 open: AtomicUsize::new(0),
+                turn: AtomicU64::new(0),
             });
             let index = THREADS.lock().ok().map(|mut all| {
                 all.push(me.clone());
@@ -418,30 +422,69 @@ fn keep_a_timer() {
     });
 }
 
-/// How long a proxy thread serves requests before it lets another thread waiting for its CPU
-/// run: [`take_turns`].
+/// How often a busy proxy thread looks whether another proxy thread waits for its CPU:
+/// [`take_turns`].
 const TURN: Duration = Duration::from_millis(1);
 
-/// Gives up the CPU, after a request, once this thread has had it for [`TURN`] since it last
-/// did. Left to the kernel, the two proxy threads of a 2-CPU machine often share one CPU
-/// while the other runs the clients and Odoo, and a busy thread then keeps its CPU until the
+/// After a request: once a turn of [`TURN`] is over, notes the CPU this thread runs on, and
+/// gives it up if another proxy thread last ran on that CPU and has not run since the turn
+/// began. Left to the kernel, the two proxy threads of a 2-CPU machine often share one CPU
+/// while the other runs the clients and Odoo, and a busy thread keeps its CPU until the
 /// scheduler's tick takes it (4 ms at the usual 250 Hz): `perf sched timehist` under wrk
-/// showed runs of 2-5 ms, each one a wait of as long for every connection of the other
-/// thread, the p99. A thread that lets the other have the CPU each millisecond bounds that
-/// wait. Where nothing else waits for the CPU, the yield returns at once (one system call a
-/// millisecond at most).
+/// showed runs of 2-5 ms, each a wait of as long for every connection of the other thread,
+/// the p99. A thread yields only to a sibling that waits for its CPU: yielding at every turn
+/// would also hand the CPU to whatever else runs there (Odoo's workers, on a shared machine)
+/// a thousand times a second.
 fn take_turns() {
     let now = Instant::now();
     if !turn_over(TURNED.get(), now) {
         return;
     }
-    std::thread::yield_now();
-    TURNED.set(Some(Instant::now()));
+    TURNED.set(Some(now));
+    let Some(me) = HERE.with(|here| here.get().cloned()) else {
+        return;
+    };
+    let cpu = rustix::thread::sched_getcpu();
+    let at = since_start(now);
+    me.turn.store(turn_note(cpu, at), Ordering::Relaxed);
+    let waits = THREADS.lock().is_ok_and(|all| {
+        all.iter().any(|other| {
+            !Arc::ptr_eq(other, &me) && waits_for(other.turn.load(Ordering::Relaxed), cpu, at)
+        })
+    });
+    if waits {
+        std::thread::yield_now();
+        TURNED.set(Some(Instant::now()));
+    }
 }
 
 /// Whether the turn that began `since` (none yet: `None`) is over at `now`.
 fn turn_over(since: Option<Instant>, now: Instant) -> bool {
     since.is_none_or(|since| now.saturating_duration_since(since) >= TURN)
+}
+
+/// A thread's note of the end of a turn: on CPU `cpu`, `at` microseconds after erpgate
+/// started ([`since_start`]). Never 0 (no note yet).
+fn turn_note(cpu: usize, at: u64) -> u64 {
+    ((at + 1) << 16) | (cpu as u64 & 0xffff)
+}
+
+/// Whether the thread whose last note is `other` waits for CPU `cpu` at `at`: it ended its
+/// last turn on that CPU, and a whole turn has passed since without another (a thread that
+/// runs notes one each turn; one that waits for the CPU cannot). A thread idle since its
+/// last turn on that CPU looks the same; the yield to it then costs a system call.
+fn waits_for(other: u64, cpu: usize, at: u64) -> bool {
+    let Some(then) = (other >> 16).checked_sub(1) else {
+        return false;
+    };
+    other & 0xffff == cpu as u64 & 0xffff && at.saturating_sub(then) >= TURN.as_micros() as u64
+}
+
+/// Microseconds from erpgate's first turn to `now`.
+fn since_start(now: Instant) -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(|| now);
+    u64::try_from(now.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX >> 17)
 }
 
 thread_local! {
@@ -687,9 +730,9 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_gives_up_the_cpu_once_a_turn_is_over() {
+    fn a_turn_is_over_after_a_millisecond() {
         let start = Instant::now();
-        // The first request a thread serves ends a turn (it has not given up the CPU yet).
+        // A thread's first request ends a turn (it has had none yet).
         assert!(turn_over(None, start));
         assert!(!turn_over(Some(start), start));
         assert!(!turn_over(
@@ -700,6 +743,22 @@ mod tests {
         assert!(turn_over(Some(start), start + 5 * TURN));
         // A clock read before the turn began (another thread's) is not a turn over.
         assert!(!turn_over(Some(start + TURN), start));
+    }
+
+    #[test]
+    fn a_thread_yields_only_to_a_sibling_waiting_for_its_cpu() {
+        let turn = TURN.as_micros() as u64;
+        // The other thread ended its last turn on this CPU a turn ago or more: it waits.
+        assert!(waits_for(turn_note(1, 5_000), 1, 5_000 + turn));
+        assert!(waits_for(turn_note(0, 0), 0, 4 * turn));
+        // On this CPU, but it has run within the turn: it does not wait.
+        assert!(!waits_for(turn_note(1, 5_000), 1, 5_000 + turn - 1));
+        // On another CPU, however long ago: it does not wait for this one.
+        assert!(!waits_for(turn_note(0, 5_000), 1, 50_000));
+        // No note yet (a thread that has not served a turn).
+        assert!(!waits_for(0, 0, 50_000));
+        // A note from after `at` (another thread's clock read) is no wait.
+        assert!(!waits_for(turn_note(1, 9_000), 1, 5_000));
     }
 
     #[test]
