@@ -74,6 +74,9 @@ impl Connections {
         let mut stop = shutdown.clone();
         let mut stopping = std::pin::pin!(stop.wait_for(|stopping| *stopping));
         loop {
+            // Before each request (and so after the one before it): the CPU to a sibling
+            // thread waiting for it, at most once a turn.
+            take_turns();
             let idle = self.keepalive();
             let Some(first) = next_request(&mut stream, idle, stopping.as_mut(), fresh).await
             else {
@@ -102,7 +105,6 @@ impl Connections {
                 if let Ok(buf) = head.try_into_mut() {
                     crate::fast::put_back(buf);
                 }
-                take_turns();
                 match next {
                     Some(next) => stream = next,
                     None => return,
@@ -118,7 +120,6 @@ impl Connections {
             let Some(reused) = serving.await else {
                 return;
             };
-            take_turns();
             let (next, settings) = reused.consume();
             stream = next;
             carried = settings;
@@ -426,7 +427,7 @@ fn keep_a_timer() {
 /// [`take_turns`].
 const TURN: Duration = Duration::from_millis(1);
 
-/// After a request: once a turn of [`TURN`] is over, notes the CPU this thread runs on, and
+/// Between requests: once a turn of [`TURN`] is over, notes the CPU this thread runs on, and
 /// gives it up if another proxy thread last ran on that CPU and has not run since the turn
 /// began. Left to the kernel, the two proxy threads of a 2-CPU machine often share one CPU
 /// while the other runs the clients and Odoo, and a busy thread keeps its CPU until the
@@ -488,7 +489,8 @@ fn since_start(now: Instant) -> u64 {
 }
 
 thread_local! {
-    /// When this thread last had the CPU back after giving it up ([`take_turns`]).
+    /// When this thread's turn began ([`take_turns`]): when it last looked for a waiting
+    /// sibling, or when it had the CPU back after yielding to one.
     static TURNED: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
